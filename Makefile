@@ -1,0 +1,42 @@
+# Naive to Fast — the two commands: `make book` (build the site) and `make test` (the whole suite).
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-lock
+STUDENT_DIR ?= dist/student
+PORT ?= 8000
+# Never let set-up pull a CUDA torch on a CPU machine: the lock pins torch==2.13.0 (a CPU wheel here).
+PIP := $(PY) -m pip install --disable-pip-version-check -q
+
+.PHONY: setup book test student serve notebooks bench clean
+
+$(STAMP): lib/requirements-lock.txt pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) -r lib/requirements-lock.txt
+	$(PIP) --no-deps -e .
+	touch $@
+
+setup: $(STAMP)  ## create .venv with the pinned dependencies and the library (editable)
+
+book: setup  ## build the site, executing every chapter in the cpu profile (cached)
+	EFFDL_PROFILE=cpu $(VENV)/bin/jupyter-book build . -W -n --keep-going
+	@echo "site: $(CURDIR)/_build/html/index.html"
+
+test: setup  ## library tests, notebooks (nbmake, smoke profile), pairing check, book build, grader
+	EFFDL_PROFILE=smoke $(PY) -m pytest tests --nbmake notebooks --nbmake-timeout=600 -p no:cacheprovider
+
+student: setup  ## student notebooks (solutions removed) into $(STUDENT_DIR)
+	$(PY) -m effdl.student notebooks --out $(STUDENT_DIR)
+
+serve:  ## serve the built site on http://localhost:$(PORT)
+	@test -f _build/html/index.html || { echo "no site yet: run 'make book' first"; exit 1; }
+	$(PY) -m http.server $(PORT) --directory _build/html
+
+notebooks: setup  ## regenerate notebooks/*.ipynb (and Colab links) from book/*.md
+	$(PY) .ci/sync_notebooks.py
+
+bench: setup  ## every chapter's benchmark in the cpu profile, JSON into _build/bench
+	for c in measuring attention distill tokens; do EFFDL_PROFILE=cpu $(PY) -m effdl.bench $$c --json _build/bench/$$c-cpu.json || exit 1; done
+
+clean:
+	rm -rf _build dist

@@ -1,0 +1,74 @@
+"""What the accelerator in front of you can do: the notebooks' device cell calls :func:`report`.
+
+A Colab T4 is sm_75: no bf16 tensor cores, no Triton attention kernels, no SDPA flash backend.
+Chapters read :func:`capabilities` to choose paths and to say plainly what they skip.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    device: str                 # "cuda" or "cpu"
+    name: str                   # e.g. "Tesla T4", "NVIDIA H100 80GB HBM3", or the CPU
+    compute_capability: tuple[int, int] | None
+    memory_gib: float | None
+    bf16: bool                  # fast bf16 (sm_80+)
+    triton_gpu: bool            # Triton kernels of this course can run on the GPU (sm_80+)
+    triton_interpreter: bool    # TRITON_INTERPRET=1 is set and triton imports (CPU testing)
+    sdpa_flash: bool            # SDPA's flash backend needs sm_80+
+    threads: int
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def _triton_importable() -> bool:
+    try:
+        import triton  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def capabilities() -> Capabilities:
+    """Probe the current machine once; never raises on a CPU-only machine."""
+    import os
+
+    interp = os.environ.get("TRITON_INTERPRET") == "1" and _triton_importable()
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        cc = (props.major, props.minor)
+        sm80 = cc >= (8, 0)
+        return Capabilities(
+            device="cuda", name=props.name, compute_capability=cc,
+            memory_gib=round(props.total_memory / 2**30, 1), bf16=sm80,
+            triton_gpu=sm80 and _triton_importable(), triton_interpreter=interp,
+            sdpa_flash=sm80, threads=torch.get_num_threads(),
+        )
+    import platform
+
+    return Capabilities(
+        device="cpu", name=platform.processor() or platform.machine(), compute_capability=None,
+        memory_gib=None, bf16=False, triton_gpu=False, triton_interpreter=interp,
+        sdpa_flash=False, threads=torch.get_num_threads(),
+    )
+
+
+def report() -> Capabilities:
+    """Print what this runtime supports and what the course will skip; return the capabilities."""
+    from effdl.profile import current
+
+    c = capabilities()
+    print(f"device: {c.device} — {c.name}" + (f", sm_{c.compute_capability[0]}{c.compute_capability[1]}, {c.memory_gib} GiB" if c.compute_capability else ""))
+    print(f"torch {torch.__version__}, {c.threads} CPU threads, profile: {current()}")
+    if c.device == "cpu":
+        print("no GPU: GPU results are shown from recorded runs; live results are measured on this CPU.")
+    else:
+        print(f"bf16: {'yes' if c.bf16 else 'no (needs sm_80+)'}; SDPA flash backend: {'yes' if c.sdpa_flash else 'no (needs sm_80+)'}")
+        print(f"Triton kernels of this course: {'yes' if c.triton_gpu else 'no (need sm_80+ and triton) — the PyTorch paths run instead'}")
+    return c

@@ -1,0 +1,202 @@
+"""Measuring honestly: time, peak memory, FLOPs, and the record that goes with a number.
+
+- :func:`benchmark` — warm-up, repeats, median and inter-quartile range.  On CUDA every repeat is
+  timed with CUDA events after a synchronize, never with a bare host clock around asynchronous work.
+- :func:`peak_memory` — the peak bytes allocated while ``fn`` runs, on the CPU (from the PyTorch
+  profiler's allocation events) or on CUDA (from the caching allocator's statistics).
+- :func:`count_flops` — floating-point operations counted by ``torch.utils.flop_counter``.
+- :func:`run_meta` — device, versions, date and profile: every recorded number carries it.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import platform
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable
+
+import torch
+
+__all__ = ["BenchResult", "benchmark", "peak_memory", "count_flops", "run_meta", "resolve_device"]
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``None`` -> ``cpu``; validates that a CUDA device is really usable."""
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(
+            "device='cuda' was requested but CUDA is not available on this machine; "
+            "pass device='cpu' (or leave it None), or run on a GPU runtime"
+        )
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"unsupported device {dev}: effdl.measure handles 'cpu' and 'cuda'")
+    return dev
+
+
+@dataclass
+class BenchResult:
+    """Timings of one function: all in milliseconds."""
+
+    times_ms: list[float]
+    device: str
+    warmup: int
+    label: str = ""
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def median_ms(self) -> float:
+        return statistics.median(self.times_ms)
+
+    @property
+    def iqr_ms(self) -> float:
+        """Inter-quartile range: the spread that ignores the odd outlier."""
+        if len(self.times_ms) < 2:
+            return 0.0
+        q = statistics.quantiles(self.times_ms, n=4, method="inclusive")
+        return q[2] - q[0]
+
+    @property
+    def min_ms(self) -> float:
+        return min(self.times_ms)
+
+    def as_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.update(median_ms=self.median_ms, iqr_ms=self.iqr_ms)
+        return d
+
+    def __str__(self) -> str:  # e.g. "12.31 ms ± 0.40 (IQR, 20 runs, cpu)"
+        name = f"{self.label}: " if self.label else ""
+        return (
+            f"{name}{self.median_ms:.3f} ms ± {self.iqr_ms:.3f} "
+            f"(median ± IQR of {len(self.times_ms)} runs, {self.device})"
+        )
+
+
+def benchmark(
+    fn: Callable[[], Any],
+    *,
+    warmup: int = 3,
+    repeat: int = 10,
+    device: str | torch.device | None = None,
+    label: str = "",
+) -> BenchResult:
+    """Time ``fn()``: ``warmup`` untimed calls, then ``repeat`` timed calls.
+
+    ``device='cuda'`` times each call with a pair of CUDA events (work is asynchronous: a host
+    clock would only measure the launch).  On the CPU a monotonic high-resolution clock is used.
+    """
+    if not callable(fn):
+        raise TypeError(f"benchmark expects a callable taking no arguments, got {type(fn).__name__}")
+    if repeat < 1 or warmup < 0:
+        raise ValueError(f"need repeat >= 1 and warmup >= 0, got repeat={repeat}, warmup={warmup}")
+    dev = resolve_device(device)
+    for _ in range(warmup):  # why: first calls pay for lazy init, allocator growth, compilation
+        fn()
+    times: list[float] = []
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)  # why: do not charge queued warm-up work to the first repeat
+        for _ in range(repeat):
+            start = torch.cuda.Event(enable_timing=True)
+            end = torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+    else:
+        for _ in range(repeat):
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return BenchResult(times_ms=times, device=str(dev), warmup=warmup, label=label)
+
+
+def _cpu_peak_bytes(fn: Callable[[], Any]) -> int:
+    """Peak of live CPU tensor bytes allocated *during* ``fn``, from profiler memory events."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = [
+        (e.time_range.start, e.cpu_memory_usage)
+        for e in prof.events()
+        if e.name == "[memory]" and e.cpu_memory_usage != 0
+    ]
+    events.sort(key=lambda t: t[0])
+    live = peak = 0
+    for _, delta in events:
+        live += delta
+        peak = max(peak, live)
+    return int(peak)
+
+
+def peak_memory(fn: Callable[[], Any], device: str | torch.device | None = None) -> int:
+    """Peak bytes allocated by ``fn()`` above what was live before it ran.
+
+    CUDA: ``torch.cuda.max_memory_allocated`` after a reset.  CPU: the PyTorch profiler's
+    allocation events (tensors only; Python objects are not counted).
+    """
+    if not callable(fn):
+        raise TypeError(f"peak_memory expects a callable taking no arguments, got {type(fn).__name__}")
+    dev = resolve_device(device)
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+        before = torch.cuda.memory_allocated(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+        fn()
+        torch.cuda.synchronize(dev)
+        return int(torch.cuda.max_memory_allocated(dev) - before)
+    return _cpu_peak_bytes(fn)
+
+
+def count_flops(fn: Callable[[], Any]) -> int:
+    """FLOPs of ``fn()`` as counted by ``torch.utils.flop_counter`` (a multiply-add counts 2)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return int(counter.get_total_flops())
+
+
+def _device_meta(device: torch.device) -> dict[str, Any]:
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        return {
+            "device": "cuda",
+            "device_name": props.name,
+            "compute_capability": f"{props.major}.{props.minor}",
+            "gpu_memory_bytes": int(props.total_memory),
+        }
+    return {
+        "device": "cpu",
+        "device_name": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
+def run_meta(device: str | torch.device | None = None, profile: str | None = None) -> dict[str, Any]:
+    """Provenance of a result: device, versions, date, profile."""
+    from effdl import __version__
+    from effdl.profile import current
+
+    dev = resolve_device(device)
+    meta: dict[str, Any] = {
+        **_device_meta(dev),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "effdl": __version__,
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "profile": current(profile),
+        "platform": platform.platform(),
+    }
+    try:
+        import triton  # noqa: F401
+
+        meta["triton"] = triton.__version__
+    except Exception:  # triton missing or broken: record that, do not fail
+        meta["triton"] = None
+    return meta
