@@ -1,0 +1,185 @@
+"""Tiled (FlashAttention) attention in plain PyTorch: exact, never materializing the N x N matrix.
+
+- :func:`flash1_forward` — FlashAttention-1 loop order: K/V blocks outer, Q blocks inner; the output
+  and the (m, ℓ) statistics live in slow memory and are read, rescaled and written back every step.
+- :func:`flash2_forward` — FlashAttention-2 loop order: Q blocks outer, K/V blocks inner; the output
+  stays unnormalized in fast memory, is divided by ℓ once, and only the logsumexp L = m + log ℓ is
+  stored for the backward pass.  Causal attention skips tiles that are entirely masked.
+- :func:`flash2_backward` — the backward pass that recomputes P tile by tile from (q, k, lse).
+- :func:`tiled_attention` — a differentiable function (custom ``autograd.Function``) built on them.
+
+Tensors are SDPA-shaped (..., seq, dim); every tile op is batched over the leading dims.
+Accumulation is in fp32 for fp16/bf16 inputs, as a GPU kernel does in registers.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from effdl.attention._validate import causal_mask, check_block, check_qkv
+
+#: Default tile sizes.  On a CPU, big tiles win: every tile costs a fixed ~10 µs per PyTorch op and
+#: small matrix products run far below the BLAS peak (see the chapter's tile-size sweep).  A
+#: (512 x 1024) fp32 score tile is 2 MiB per head — still tiny next to the N x N matrix at long N.
+DEFAULT_BLOCK_Q = 512
+DEFAULT_BLOCK_K = 1024
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def _nonneg_max(m: torch.Tensor) -> torch.Tensor:
+    # why: rows that have seen only masked scores have m = -inf; shifting by 0 instead avoids NaN
+    return torch.where(torch.isneginf(m), torch.zeros_like(m), m)
+
+
+def flash1_forward(q, k, v, causal: bool = False, scale: float | None = None, block_q=None, block_k=None):
+    """FlashAttention-1 order. Returns ``(out (..., Nq, dv), lse (..., Nq))``.
+
+    Outer loop over K/V tiles (each read once); inner loop over Q tiles, whose running output
+    O_i and statistics (m_i, ℓ_i) are read from and written back to the full-size tensors each step.
+    """
+    scale = check_qkv(q, k, v, scale)
+    bq = check_block("block_q", block_q, DEFAULT_BLOCK_Q)
+    bk = check_block("block_k", block_k, DEFAULT_BLOCK_K)
+    nq, nk, dv = q.shape[-2], k.shape[-2], v.shape[-1]
+    off = nk - nq                                              # bottom-right causal alignment
+    acc = _acc_dtype(q.dtype)
+    O = torch.zeros((*q.shape[:-1], dv), dtype=acc, device=q.device)       # "HBM" copies
+    m = torch.full(q.shape[:-1], float("-inf"), dtype=acc, device=q.device)
+    l = torch.zeros(q.shape[:-1], dtype=acc, device=q.device)
+    for j0 in range(0, nk, bk):
+        j1 = min(j0 + bk, nk)
+        kj, vj = k[..., j0:j1, :].to(acc), v[..., j0:j1, :].to(acc)       # (..., bk, d), loaded once
+        first_row = max(0, j0 - off) if causal else 0                     # rows above see none of it
+        for i0 in range(first_row // bq * bq, nq, bq):
+            i1 = min(i0 + bq, nq)
+            s = (q[..., i0:i1, :].to(acc) * scale) @ kj.transpose(-2, -1)  # (..., bq, bk)
+            if causal and j1 - 1 > i0 + off:
+                s.masked_fill_(~causal_mask(i1 - i0, j1 - j0, q0=i0 + off, k0=j0, device=q.device), float("-inf"))
+            m_i, l_i, O_i = m[..., i0:i1], l[..., i0:i1], O[..., i0:i1, :]  # read back
+            m_new = torch.maximum(m_i, s.amax(dim=-1))
+            shift = _nonneg_max(m_new)
+            p = torch.exp(s - shift[..., None])
+            alpha = torch.exp(m_i - shift)
+            l_new = alpha * l_i + p.sum(dim=-1)
+            safe_l = torch.where(l_new == 0, torch.ones_like(l_new), l_new)
+            # O_i stays normalized: undo the old 1/ℓ, rescale, add the new tile, divide by the new ℓ
+            O[..., i0:i1, :] = ((alpha * l_i)[..., None] * O_i + p @ vj) / safe_l[..., None]
+            m[..., i0:i1], l[..., i0:i1] = m_new, l_new                   # write back
+    lse = torch.where(l == 0, torch.full_like(m, float("-inf")), m + torch.log(l))
+    return O.to(q.dtype), lse
+
+
+def flash2_forward(q, k, v, causal: bool = False, scale: float | None = None, block_q=None, block_k=None):
+    """FlashAttention-2 order. Returns ``(out (..., Nq, dv), lse (..., Nq))``.
+
+    For each Q tile: stream the K/V tiles it can see, keep (m, ℓ, acc) for the tile's rows, divide
+    by ℓ once at the end.  Causal: K/V tiles right of the diagonal are never touched, and only
+    tiles crossing the diagonal build a mask.
+    """
+    scale = check_qkv(q, k, v, scale)
+    bq = check_block("block_q", block_q, DEFAULT_BLOCK_Q)
+    bk = check_block("block_k", block_k, DEFAULT_BLOCK_K)
+    nq, nk, dv = q.shape[-2], k.shape[-2], v.shape[-1]
+    off = nk - nq
+    acc_t = _acc_dtype(q.dtype)
+    out = torch.empty((*q.shape[:-1], dv), dtype=q.dtype, device=q.device)
+    lse = torch.empty(q.shape[:-1], dtype=acc_t, device=q.device)
+    kT = k.transpose(-2, -1)                                              # a view: BLAS reads it transposed
+    for i0 in range(0, nq, bq):
+        i1 = min(i0 + bq, nq)
+        qi = q[..., i0:i1, :].to(acc_t) * scale                           # scale q once, not every S tile
+        m = torch.full(qi.shape[:-1], float("-inf"), dtype=acc_t, device=q.device)
+        l = torch.zeros_like(m)
+        o = torch.zeros((*qi.shape[:-1], dv), dtype=acc_t, device=q.device)
+        k_end = min(nk, i1 + off) if causal else nk                      # causal: later keys all masked
+        for j0 in range(0, max(k_end, 0), bk):
+            j1 = min(j0 + bk, k_end)
+            s = qi @ kT[..., j0:j1].to(acc_t)                             # (..., bq, bk)
+            if causal and j1 - 1 > i0 + off:                              # tile crosses the diagonal
+                s.masked_fill_(~causal_mask(i1 - i0, j1 - j0, q0=i0 + off, k0=j0, device=q.device), float("-inf"))
+            m_new = torch.maximum(m, s.amax(dim=-1))
+            shift = _nonneg_max(m_new)
+            p = s.sub_(shift[..., None]).exp_()                           # in place: no second tile
+            alpha = torch.exp(m - shift)
+            l = l.mul_(alpha).add_(p.sum(dim=-1))
+            o = o.mul_(alpha[..., None]).add_(p @ v[..., j0:j1, :].to(acc_t))
+            m = m_new
+        empty = l == 0                                                    # rows that saw no key
+        out[..., i0:i1, :] = (o / torch.where(empty, torch.ones_like(l), l)[..., None]).to(q.dtype)
+        lse[..., i0:i1] = torch.where(empty, torch.full_like(m, float("-inf")), m + torch.log(l))
+    return out, lse
+
+
+def flash2_backward(q, k, v, out, lse, dout, causal: bool = False, scale: float | None = None,
+                    block_q=None, block_k=None):
+    """Gradients (dq, dk, dv) from (q, k, v, out, lse, dout), recomputing P tile by tile.
+
+    D = rowsum(dO ∘ O); for each K/V tile j (outer) and Q tile i (inner):
+    P = exp(S − L), dV_j += Pᵀ dO_i, dP = dO_i V_jᵀ, dS = P ∘ (dP − D_i),
+    dQ_i += dS K_j · scale, dK_j += dSᵀ Q_i · scale.
+    """
+    scale = check_qkv(q, k, v, scale)
+    bq = check_block("block_q", block_q, DEFAULT_BLOCK_Q)
+    bk = check_block("block_k", block_k, DEFAULT_BLOCK_K)
+    nq, nk = q.shape[-2], k.shape[-2]
+    off = nk - nq
+    acc = _acc_dtype(q.dtype)
+    qa, ka, va, do = q.to(acc), k.to(acc), v.to(acc), dout.to(acc)
+    D = (do * out.to(acc)).sum(dim=-1)                                    # (..., Nq)
+    lse_safe = torch.where(torch.isneginf(lse), torch.full_like(lse, float("inf")), lse).to(acc)
+    dq = torch.zeros_like(qa)
+    dk = torch.empty_like(ka)
+    dv = torch.empty_like(va)
+    for j0 in range(0, nk, bk):
+        j1 = min(j0 + bk, nk)
+        kj, vj = ka[..., j0:j1, :], va[..., j0:j1, :]
+        dkj = torch.zeros_like(kj)
+        dvj = torch.zeros_like(vj)
+        first_row = max(0, j0 - off) if causal else 0
+        for i0 in range(first_row // bq * bq, nq, bq):
+            i1 = min(i0 + bq, nq)
+            qi, doi = qa[..., i0:i1, :], do[..., i0:i1, :]
+            s = (qi @ kj.transpose(-2, -1)) * scale
+            if causal and j1 - 1 > i0 + off:
+                s.masked_fill_(~causal_mask(i1 - i0, j1 - j0, q0=i0 + off, k0=j0, device=q.device), float("-inf"))
+            p = torch.exp(s - lse_safe[..., i0:i1, None])                # recomputed, never stored
+            dvj += p.transpose(-2, -1) @ doi
+            dp = doi @ vj.transpose(-2, -1)
+            ds = p * (dp - D[..., i0:i1, None])
+            dq[..., i0:i1, :] += (ds @ kj) * scale
+            dkj += (ds.transpose(-2, -1) @ qi) * scale
+        dk[..., j0:j1, :], dv[..., j0:j1, :] = dkj, dvj
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+class TiledAttentionFunction(torch.autograd.Function):
+    """Forward: FlashAttention-2 tiles; saves only (q, k, v, out, lse).  Backward: recomputes P."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, causal, scale, block_q, block_k):
+        out, lse = flash2_forward(q, k, v, causal, scale, block_q, block_k)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.args = (causal, scale, block_q, block_k)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse = ctx.saved_tensors
+        causal, scale, block_q, block_k = ctx.args
+        dq, dk, dv = flash2_backward(q, k, v, out, lse, dout, causal, scale, block_q, block_k)
+        return dq, dk, dv, None, None, None, None
+
+
+def tiled_attention(q, k, v, causal: bool = False, scale: float | None = None,
+                    block_q: int | None = None, block_k: int | None = None) -> torch.Tensor:
+    """Exact attention in tiles of ``block_q`` queries x ``block_k`` keys; differentiable.
+
+    Peak extra memory O(heads · block_q · block_k) instead of O(heads · N²); the backward pass
+    recomputes P from the saved logsumexp instead of storing it.  Causal is bottom-right aligned.
+    """
+    check_qkv(q, k, v, scale)
+    check_block("block_q", block_q, 1), check_block("block_k", block_k, 1)
+    return TiledAttentionFunction.apply(q, k, v, causal, scale, block_q, block_k)

@@ -1,0 +1,205 @@
+"""A tiny Vision Transformer for document pages, with a hook for token reducers.
+
+Pages are cut into crops (sub-images) and each crop into ``patch × patch`` patches; the token
+sequence is ``[CLS]`` followed by the patches of crop 0 (row by row), crop 1, ...  Blocks are
+pre-norm; each can hand out its attention weights and keys, which is what the reducers of
+:mod:`effdl.tokens.reducers` read.  One reducer call sits before block ``reduce_at``.
+
+Token *sizes* (how many original patches a token stands for) make merging honest: attention adds
+``log(size)`` to its logits (ToMe's proportional attention), so a token that is the average of 3
+patches gets the attention those 3 patches would have had.  A size of 0 gives ``log 0 = -inf``:
+that is how padded slots (pages that kept fewer tokens than others in the batch) are masked.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from effdl.tokens.documents import crop_pages
+
+__all__ = ["TinyViT", "Block", "TokenContext", "Reduced"]
+
+
+@dataclass
+class TokenContext:
+    """What a reducer may read, for a batch of B sequences of N tokens ([CLS] first).
+
+    attn: ``(B, heads, N, N)`` attention weights of the block just before the reducer.
+    keys: ``(B, heads, N, head_dim)`` keys of that block.
+    first_keys: ``(B, heads, N0, head_dim)`` keys of the first block (a *low* layer), over the
+        original N0 = 1 + n_patches tokens.
+    size: ``(B, N)`` patches per token (0 marks padding).
+    crop_id: ``(N0 - 1,)`` which crop each original patch belongs to; ``n_crops`` crops of
+        ``tokens_per_crop`` patches each.
+    generator: randomness for sampling reducers (deterministic under a seed).
+    """
+
+    attn: torch.Tensor
+    keys: torch.Tensor
+    first_keys: torch.Tensor
+    size: torch.Tensor
+    crop_id: torch.Tensor
+    n_crops: int
+    tokens_per_crop: int
+    generator: torch.Generator | None = None
+
+    @property
+    def n_patches(self) -> int:
+        return self.size.shape[1] - 1
+
+
+@dataclass
+class Reduced:
+    """What a reducer returns.
+
+    x: ``(B, N', dim)`` new tokens, [CLS] first, padding (size 0) last.
+    size: ``(B, N')`` patches per new token; 0 for padding.
+    where: ``(B, N)`` the new slot of each old token, ``-1`` if it was discarded.
+    """
+
+    x: torch.Tensor
+    size: torch.Tensor
+    where: torch.Tensor
+    extra: dict = field(default_factory=dict)
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(LN x), then x + MLP(LN x)."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float = 2.0):
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"dim={dim} must be divisible by heads={heads}")
+        self.heads, self.head_dim = heads, dim // heads
+        self.norm1 = nn.LayerNorm(dim)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.norm2 = nn.LayerNorm(dim)
+        hidden = int(dim * mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+
+    def forward(self, x, size=None, need_weights=False):
+        """x: (B, N, dim); size: (B, N) or None (all ones). Returns (x, attn or None, keys)."""
+        B, N, D = x.shape
+        qkv = self.qkv(self.norm1(x)).view(B, N, 3, self.heads, self.head_dim)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each (B, heads, N, head_dim)
+        bias = None
+        if size is not None:  # proportional attention; log 0 = -inf masks padding
+            bias = torch.log(size.to(x.dtype))[:, None, None, :]  # (B, 1, 1, N)
+        if need_weights:  # explicit softmax: the reducer needs the weights
+            logits = (q @ k.transpose(-2, -1)) / math.sqrt(self.head_dim)  # (B, h, N, N)
+            if bias is not None:
+                logits = logits + bias
+            attn = logits.softmax(-1)
+            out = attn @ v
+        else:  # fused kernel: never materialises the N×N weights
+            attn = None
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        x = x + self.proj(out.transpose(1, 2).reshape(B, N, D))
+        x = x + self.mlp(self.norm2(x))
+        return x, attn, k
+
+
+class TinyViT(nn.Module):
+    """ViT over cropped pages: ``forward(images, reducer=None)`` -> class logits.
+
+    Args:
+        image_size: page ``(H, W)``; crop: sub-image side; patch: patch side (crop % patch == 0).
+        dim, depth, heads, mlp_ratio: transformer width, blocks, heads, MLP expansion.
+        n_classes: outputs; reduce_at: the reducer runs before block ``reduce_at`` (1 ≤ it < depth).
+    """
+
+    def __init__(self, image_size=(96, 96), crop=48, patch=8, dim=64, depth=6, heads=4, mlp_ratio=2.0,
+                 n_classes=4, reduce_at=1):
+        super().__init__()
+        H, W = image_size
+        if H % crop or W % crop or crop % patch:
+            raise ValueError(f"need H, W multiples of crop and crop a multiple of patch; got {image_size}, {crop}, {patch}")
+        if not 1 <= reduce_at < depth:
+            raise ValueError(f"reduce_at={reduce_at} must be in [1, depth={depth})")
+        self.image_size, self.crop, self.patch = (H, W), crop, patch
+        self.n_crops = (H // crop) * (W // crop)
+        self.tokens_per_crop = (crop // patch) ** 2
+        self.n_patches = self.n_crops * self.tokens_per_crop
+        self.reduce_at, self.dim = reduce_at, dim
+        self.embed = nn.Linear(patch * patch, dim)
+        self.cls = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos = nn.Parameter(torch.randn(1, 1 + self.n_patches, dim) * 0.02)
+        self.blocks = nn.ModuleList(Block(dim, heads, mlp_ratio) for _ in range(depth))
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, n_classes)
+        self.register_buffer("crop_id", torch.arange(self.n_crops).repeat_interleave(self.tokens_per_crop), persistent=False)
+
+    def patchify(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 1, H, W) pages -> (B, n_patches, patch*patch) ink values, crop by crop."""
+        if not isinstance(images, torch.Tensor) or images.ndim != 4 or tuple(images.shape[1:]) != (1, *self.image_size):
+            raise ValueError(
+                f"expected pages of shape (B, 1, {self.image_size[0]}, {self.image_size[1]}), got "
+                f"{tuple(getattr(images, 'shape', ()))}; make them with make_documents(..., size={self.image_size})"
+            )
+        crops = crop_pages(images, self.crop)  # (B, n_crops, 1, c, c)
+        B, C = crops.shape[:2]
+        p, g = self.patch, self.crop // self.patch
+        x = crops.reshape(B, C, g, p, g, p).permute(0, 1, 2, 4, 3, 5)  # (B, C, gy, gx, p, p)
+        return 1.0 - x.reshape(B, C * g * g, p * p)  # why: ink = 1, paper = 0, so blank patches embed alike
+
+    def forward(self, images, reducer=None, *, buckets: int = 1, generator=None, return_info=False):
+        """Logits ``(B, n_classes)``; ``reducer(x, ctx) -> Reduced`` runs before block ``reduce_at``.
+
+        buckets: after a reducer that keeps different counts per page, sort pages by count and run
+            the remaining blocks in this many groups, each padded only to its own longest page.
+        return_info: also return ``{"n_kept": (B,) patch tokens kept, "assign": (B, n_patches)
+            output slot of each original patch or -1, "attn": [CLS] attention before the reducer}``.
+        """
+        x = self.embed(self.patchify(images))
+        B = x.shape[0]
+        x = torch.cat([self.cls.expand(B, -1, -1), x], dim=1) + self.pos  # (B, 1+Np, dim)
+        size = None
+        first_keys = None
+        for i in range(self.reduce_at):
+            x, attn, k = self.blocks[i](x, need_weights=(reducer is not None or return_info) and i == self.reduce_at - 1)
+            if i == 0:
+                first_keys = k
+        info = {"n_kept": torch.full((B,), self.n_patches), "assign": None, "attn": None}
+        if reducer is not None:
+            ctx = TokenContext(attn=attn, keys=k, first_keys=first_keys,
+                               size=torch.ones(B, x.shape[1], dtype=x.dtype, device=x.device),
+                               crop_id=self.crop_id, n_crops=self.n_crops,
+                               tokens_per_crop=self.tokens_per_crop, generator=generator)
+            red = reducer(x, ctx)
+            x, size = red.x, red.size
+            info["n_kept"] = (size > 0).sum(1) - 1
+            info["assign"] = red.where[:, 1:]
+            info.update(red.extra)
+            if bool((size == 1).all()):
+                size = None  # why: SDPA's fast path; log(1) = 0 adds nothing
+        if return_info and attn is not None:
+            info["attn"] = attn[:, :, 0, 1:].mean(1)
+        rest = self.blocks[self.reduce_at:]
+        if size is not None and buckets > 1 and B > 1:
+            cls = self._bucketed(x, size, rest, buckets)
+        else:
+            for blk in rest:
+                x, _, _ = blk(x, size)
+            cls = x[:, 0]
+        logits = self.head(self.norm(cls))
+        return (logits, info) if return_info else logits
+
+    def _bucketed(self, x, size, blocks, buckets):
+        """Run ``blocks`` on groups of pages with similar token counts; return [CLS] outputs."""
+        counts = (size > 0).sum(1)
+        order = counts.argsort()
+        out = torch.empty(x.shape[0], x.shape[2], dtype=x.dtype, device=x.device)
+        for idx in order.chunk(buckets):
+            n = int(counts[idx].max())  # padding is last: this group only needs n slots
+            xs, ss = x[idx, :n], size[idx, :n]
+            ss = None if bool((ss == 1).all()) else ss
+            for blk in blocks:
+                xs, _, _ = blk(xs, ss)
+            out[idx] = xs[:, 0]
+        return out

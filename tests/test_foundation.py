@@ -1,0 +1,222 @@
+"""The library core: profiles, the benchmark harness, checks, source display, data loading."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from effdl import profile
+from effdl.bench.core import load_results, print_table, run_sweep, write_json
+from effdl.checks.core import ExerciseFailed, assert_close, exercise_check, require
+
+
+# --- profiles ---------------------------------------------------------------------------------
+def test_profile_from_environment(monkeypatch):
+    monkeypatch.setenv("EFFDL_PROFILE", "cpu")
+    assert profile.current() == "cpu"
+    assert profile.current("gpu") == "gpu"
+
+
+def test_profile_detected_when_unset(monkeypatch):
+    monkeypatch.delenv("EFFDL_PROFILE", raising=False)
+    assert profile.current() == ("gpu" if torch.cuda.is_available() else "cpu")
+
+
+def test_unknown_profile_names_the_fix(monkeypatch):
+    monkeypatch.setenv("EFFDL_PROFILE", "fast")
+    with pytest.raises(ValueError, match="EFFDL_PROFILE"):
+        profile.current()
+
+
+def test_unknown_chapter_sizes():
+    with pytest.raises(ValueError, match="unknown chapter"):
+        profile.sizes("cooking")
+
+
+@pytest.mark.parametrize("chapter", sorted(profile.CHAPTER_SIZE_MODULES))
+def test_every_chapter_has_all_three_profiles(chapter):
+    import importlib
+
+    table = importlib.import_module(profile.CHAPTER_SIZE_MODULES[chapter]).SIZES
+    assert set(table) == set(profile.PROFILES)
+    assert len({type(v) for v in table.values()}) == 1, "one dataclass per chapter"
+
+
+# --- benchmark harness ------------------------------------------------------------------------
+def test_run_sweep_rows_and_derived_units():
+    rows = run_sweep([{"n": 8}, {"n": 16}],
+                     {"mm": lambda c: (lambda a=torch.ones(c["n"], c["n"]): a @ a),
+                      "skip": lambda c: None},
+                     derive=lambda c, ms: {"gflops": 2 * c["n"] ** 3 / (ms * 1e6)},
+                     warmup=1, repeat=3, memory=True, progress=False)
+    assert [r["n"] for r in rows] == [8, 16]  # the skipped implementation adds no rows
+    assert all(r["impl"] == "mm" and r["ms"] > 0 and r["gflops"] > 0 for r in rows)
+    assert all(r["peak_mem_bytes"] >= 4 * r["n"] ** 2 for r in rows)
+
+
+def test_run_sweep_records_out_of_memory_and_goes_on():
+    def boom(c):
+        def f():
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1 TiB")
+        return f
+
+    rows = run_sweep([{"n": 1}], {"oom": boom, "ok": lambda c: (lambda: None)}, repeat=1, progress=False)
+    assert rows[0]["error"] == "out of memory" and "ms" in rows[1]
+
+
+def test_run_sweep_does_not_hide_real_bugs():
+    with pytest.raises(ZeroDivisionError):
+        run_sweep([{"n": 1}], {"bad": lambda c: (lambda: 1 / 0)}, repeat=1, progress=False)
+
+
+def test_table_json_roundtrip(tmp_path, capsys):
+    rows = [{"impl": "a", "ms": 1.5}, {"impl": "bb", "ms": 20.25, "extra": 3}]
+    text = print_table(rows)
+    assert "impl" in text.splitlines()[0] and "bb" in text
+    doc = write_json(rows, tmp_path / "r.json", chapter="test")
+    assert doc["meta"]["torch"] == torch.__version__ and doc["meta"]["chapter"] == "test"
+    assert {"device", "date", "profile", "triton"} <= set(doc["meta"])
+    assert load_results(tmp_path / "r.json")["results"] == rows
+
+
+def test_load_results_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="regenerate"):
+        load_results(tmp_path / "missing.json")
+    (tmp_path / "x.json").write_text(json.dumps([1, 2]))
+    with pytest.raises(ValueError, match="meta"):
+        load_results(tmp_path / "x.json")
+
+
+def test_bench_cli_rejects_unknown_chapter(capsys):
+    from effdl.bench.__main__ import main
+
+    with pytest.raises(SystemExit):
+        main(["nonsense"])
+
+
+# --- exercise checks --------------------------------------------------------------------------
+@exercise_check
+def _double_check(f):
+    require(f(2) == 4, f"f(2) returned {f(2)!r}, expected 4")
+
+
+def test_check_passes_and_logs(tmp_path, monkeypatch, capsys):
+    log = tmp_path / "log.jsonl"
+    monkeypatch.setenv("EFFDL_GRADE_LOG", str(log))
+    _double_check(lambda x: 2 * x)
+    assert "passed" in capsys.readouterr().out
+    rec = json.loads(log.read_text())
+    assert rec["check"] == "_double_check" and rec["passed"] is True
+
+
+@pytest.mark.parametrize("student, hint", [
+    (lambda x: x, "expected 4"),
+    (lambda x: (_ for _ in ()).throw(NotImplementedError()), "not implemented"),
+    (lambda x: 1 / 0, "ZeroDivisionError"),
+])
+def test_check_failures_are_helpful(student, hint, tmp_path, monkeypatch):
+    log = tmp_path / "log.jsonl"
+    monkeypatch.setenv("EFFDL_GRADE_LOG", str(log))
+    with pytest.raises(ExerciseFailed, match=hint):
+        _double_check(student)
+    assert json.loads(log.read_text())["passed"] is False
+
+
+def test_assert_close_messages():
+    assert_close(torch.ones(3), torch.ones(3), what="x")
+    with pytest.raises(AssertionError, match="shape"):
+        assert_close(torch.ones(2), torch.ones(3), what="x")
+    with pytest.raises(AssertionError, match="returned None"):
+        assert_close(None, torch.ones(3), what="x")
+    with pytest.raises(AssertionError, match="max abs error"):
+        assert_close(torch.zeros(3), torch.ones(3), what="x")
+
+
+def test_unknown_check_name():
+    import effdl.checks
+
+    with pytest.raises(AttributeError, match="no check named"):
+        effdl.checks.definitely_not_a_check  # noqa: B018
+
+
+# --- show --------------------------------------------------------------------------------------
+def test_show_source_renders_markdown():
+    from effdl.show import _Source, source_of, _origin
+    from effdl.measure import benchmark
+
+    src = _Source(source_of(benchmark), _origin(benchmark))
+    md = src._repr_markdown_()
+    assert md.count("```") == 2 and "def benchmark(" in md and "effdl/measure.py" in md
+    with pytest.raises(TypeError, match="source"):
+        source_of(len)
+
+
+# --- device ------------------------------------------------------------------------------------
+def test_device_report(capsys):
+    from effdl.device import report
+
+    caps = report()
+    out = capsys.readouterr().out
+    assert "device:" in out and "profile" in out
+    if not torch.cuda.is_available():
+        assert caps.device == "cpu" and not caps.triton_gpu and not caps.bf16
+
+
+# --- data --------------------------------------------------------------------------------------
+def test_digits_offline_split():
+    from effdl.data import load_images
+
+    train, test = load_images("digits", "train"), load_images("digits", "test")
+    assert train.x.shape[1:] == (1, 8, 8) and train.x.dtype == torch.float32
+    assert len(train.y) + len(test.y) == 1797 and float(train.x.max()) == 1.0
+    assert sorted(torch.unique(test.y).tolist()) == list(range(10))
+
+
+def test_hub_schema_conversion():
+    """The conversion code runs on a local dataset with the hub's schema (no hub reachable here)."""
+    datasets = pytest.importorskip("datasets")
+    from PIL import Image
+
+    from effdl.data import HUB_DATASETS, hub_to_tensors
+
+    rng = np.random.default_rng(0)
+    imgs = [Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)) for _ in range(5)]
+    features = datasets.Features({"img": datasets.Image(),
+                                  "label": datasets.ClassLabel(names=[f"c{i}" for i in range(10)])})
+    ds = datasets.Dataset.from_dict({"img": imgs, "label": [0, 3, 3, 9, 1]}, features=features)
+    data = hub_to_tensors(ds, HUB_DATASETS["cifar10"])
+    assert data.x.shape == (5, 3, 32, 32) and data.y.tolist() == [0, 3, 3, 9, 1]
+    assert data.classes[9] == "c9"
+    np.testing.assert_allclose(data.x[2].permute(1, 2, 0).numpy() * 255, np.asarray(imgs[2]), atol=1e-3)
+    with pytest.raises(ValueError, match="lacks column"):
+        hub_to_tensors(ds, HUB_DATASETS["mnist"])
+
+
+def test_offline_hub_gives_a_clear_error(monkeypatch, tmp_path):
+    pytest.importorskip("datasets")
+    from effdl.data import DatasetUnavailable, load_images
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    with pytest.raises(DatasetUnavailable, match="digits"):
+        load_images("cifar10", cache_dir=str(tmp_path))
+
+
+def test_data_bad_input():
+    from effdl.data import class_balanced_subset, load_images
+
+    with pytest.raises(ValueError, match="unknown dataset"):
+        load_images("imagenet-99")
+    with pytest.raises(ValueError, match="split"):
+        load_images("digits", "validation")
+    x, y = torch.zeros(6, 1, 2, 2), torch.tensor([0, 0, 1, 1, 1, 2])
+    with pytest.raises(ValueError, match="class 0 has only 2"):
+        class_balanced_subset(x, y, 3)
+    with pytest.raises(ValueError, match="disagree"):
+        class_balanced_subset(x, y[:5], 1)
+    xs, ys = class_balanced_subset(x, y, 1, seed=1)
+    assert ys.tolist() == [0, 1, 2]
