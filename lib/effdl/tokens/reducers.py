@@ -1,0 +1,316 @@
+"""Token reducers: one interface, seven ways to shorten a ViT's token sequence mid-network.
+
+Every reducer is a function ``reducer(x, ctx, keep=..., **options) -> Reduced``:
+
+- ``x``: ``(B, N, dim)`` tokens, [CLS] at index 0;
+- ``ctx``: a :class:`~effdl.tokens.vit.TokenContext` (attention weights and keys of the block before
+  the reducer, keys of the first block, token sizes, which crop each patch is in, a generator);
+- ``keep``: fraction of the patch tokens to keep, in (0, 1]; ``keep=1`` returns the input unchanged.
+
+It returns a :class:`~effdl.tokens.vit.Reduced`: the new tokens ([CLS] kept first, padding last
+with size 0), their sizes, and where each old token went.  Fixed-ratio reducers return exactly
+``budget(n_patches, keep)`` patch tokens; :func:`tcc` chooses its count per crop and page.
+Bind the options with :func:`make` (``make("evit", keep=0.5)``) to get ``reducer(x, ctx)`` for
+:meth:`TinyViT.forward <effdl.tokens.vit.TinyViT.forward>`.
+
+==============  ==============================================================================
+keep_all        the naive baseline: every token
+random_drop     keep a uniformly random subset
+pool            average neighbouring tokens (raster order within the page) into ``budget`` groups
+evit            top-k by [CLS] attention; the rest fused into one attention-weighted token
+tome            bipartite soft matching on keys; size-weighted merges (proportional attention)
+lat             drop tokens with the least attention paid to them (Latency Adjustable Transformer)
+tcc             correlation-guided: per-crop budget from key redundancy, sampling by [CLS]
+                attention, plus the page's [CLS]-attention outliers (IQR rule)
+==============  ==============================================================================
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+import torch.nn.functional as F
+
+from effdl.tokens.vit import Reduced, TokenContext
+
+__all__ = ["budget", "make", "REDUCERS", "keep_all", "random_drop", "pool", "evit", "tome", "lat", "tcc",
+           "crop_density", "tcc_budget", "iqr_outliers", "bipartite_merge"]
+
+
+def _check_keep(keep) -> float:
+    if isinstance(keep, bool) or not isinstance(keep, (int, float)) or not (0.0 < float(keep) <= 1.0):
+        raise ValueError(f"keep must be a fraction in (0, 1] (1 = keep every token), got {keep!r}")
+    return float(keep)
+
+
+def budget(n_patches: int, keep: float) -> int:
+    """Patch tokens a fixed-ratio reducer keeps: ``round(keep * n_patches)``, at least 1."""
+    return max(1, min(n_patches, round(_check_keep(keep) * n_patches)))
+
+
+def _identity(x: torch.Tensor, ctx: TokenContext) -> Reduced:
+    B, N = x.shape[:2]
+    return Reduced(x, ctx.size, torch.arange(N, device=x.device).expand(B, N))
+
+
+def _select(x: torch.Tensor, ctx: TokenContext, chosen: torch.Tensor) -> Reduced:
+    """Keep the [CLS] token and the patch tokens where ``chosen`` (B, n_patches) is True.
+
+    Kept tokens stay in their original order; pages that keep fewer are padded (size 0) at the end.
+    """
+    B, N, D = x.shape
+    keep_mask = torch.cat([torch.ones(B, 1, dtype=torch.bool, device=x.device), chosen], 1)  # (B, N)
+    counts = keep_mask.sum(1)
+    n_out = int(counts.max())
+    # stable sort puts kept tokens first, in order: key 0 for kept, 1 for dropped
+    order = torch.sort((~keep_mask).to(torch.int8), dim=1, stable=True).indices[:, :n_out]  # (B, n_out)
+    valid = torch.arange(n_out, device=x.device)[None] < counts[:, None]
+    new_x = torch.gather(x, 1, order[..., None].expand(-1, -1, D)) * valid[..., None]
+    new_size = torch.gather(ctx.size, 1, order) * valid
+    where = torch.full((B, N), -1, dtype=torch.long, device=x.device)
+    slots = torch.arange(n_out, device=x.device).expand(B, -1)
+    where.scatter_(1, torch.where(valid, order, N - 1 + 0 * order), torch.where(valid, slots, -1))
+    where[~keep_mask] = -1  # why: the scatter above parks padding on the last token; undo that
+    return Reduced(new_x, new_size, where)
+
+
+def keep_all(x: torch.Tensor, ctx: TokenContext, keep: float = 1.0) -> Reduced:
+    """The naive baseline: every token goes on (``keep`` is accepted and ignored)."""
+    _check_keep(keep)
+    return _identity(x, ctx)
+
+
+def random_drop(x: torch.Tensor, ctx: TokenContext, keep: float = 0.5) -> Reduced:
+    """Keep ``budget(n, keep)`` patch tokens chosen uniformly at random (``ctx.generator``)."""
+    k = budget(ctx.n_patches, keep)
+    if k == ctx.n_patches:
+        return _identity(x, ctx)
+    B = x.shape[0]
+    r = torch.rand(B, ctx.n_patches, generator=ctx.generator).to(x.device)
+    chosen = torch.zeros(B, ctx.n_patches, dtype=torch.bool, device=x.device)
+    chosen.scatter_(1, r.topk(k, dim=1).indices, True)
+    return _select(x, ctx, chosen)
+
+
+def pool(x: torch.Tensor, ctx: TokenContext, keep: float = 0.5) -> Reduced:
+    """Average runs of neighbouring patch tokens (raster order) into ``budget(n, keep)`` tokens.
+
+    Runs are contiguous and non-overlapping (lengths differ by at most one); each output is the
+    size-weighted mean of its run and its size is the run's total size.
+    """
+    n, k = ctx.n_patches, budget(ctx.n_patches, keep)
+    if k == n:
+        return _identity(x, ctx)
+    B, N, D = x.shape
+    bounds = torch.round(torch.arange(k + 1) * (n / k)).long()
+    group = torch.bucketize(torch.arange(n), bounds[1:], right=True).to(x.device)  # (n,) run of each patch
+    member = F.one_hot(group, k).to(x.dtype).T  # (k, n)
+    s = ctx.size[:, 1:]  # (B, n)
+    size = (member @ s.T).T  # (B, k)
+    pooled = (member @ (s[..., None] * x[:, 1:])) / size[..., None].clamp_min(1e-12)  # (B, k, D)
+    where = torch.cat([torch.zeros(B, 1, dtype=torch.long, device=x.device), (group + 1).expand(B, -1)], 1)
+    return Reduced(torch.cat([x[:, :1], pooled], 1), torch.cat([ctx.size[:, :1], size], 1), where)
+
+
+def _cls_attention(ctx: TokenContext) -> torch.Tensor:
+    """[CLS]-to-patch attention averaged over heads: (B, n_patches)."""
+    return ctx.attn[:, :, 0, 1:].mean(1)
+
+
+def evit(x: torch.Tensor, ctx: TokenContext, keep: float = 0.5) -> Reduced:
+    """EViT: keep the top ``budget-1`` patches by [CLS] attention and fuse the rest into one token.
+
+    The fused token is the attention-weighted mean of the dropped tokens, so the total count
+    (kept + fused) equals ``budget(n, keep)``.
+    """
+    n, k = ctx.n_patches, budget(ctx.n_patches, keep)
+    if k == n:
+        return _identity(x, ctx)
+    B, N, D = x.shape
+    a = _cls_attention(ctx)
+    top = max(1, k - 1)
+    chosen = torch.zeros(B, n, dtype=torch.bool, device=x.device)
+    chosen.scatter_(1, a.topk(top, dim=1).indices, True)
+    kept = _select(x, ctx, chosen)
+    if k == 1:  # no room for a fused token
+        return kept
+    w = a * (~chosen)  # (B, n) attention of the dropped tokens
+    fused = (w[..., None] * x[:, 1:]).sum(1) / w.sum(1, keepdim=True).clamp_min(1e-12)  # (B, D)
+    fused_size = (ctx.size[:, 1:] * (~chosen)).sum(1)
+    slot = kept.x.shape[1]
+    where = kept.where.clone()
+    where[:, 1:][~chosen] = slot
+    return Reduced(torch.cat([kept.x, fused[:, None]], 1), torch.cat([kept.size, fused_size[:, None]], 1), where)
+
+
+def bipartite_merge(x: torch.Tensor, size: torch.Tensor, metric: torch.Tensor, r: int):
+    """One ToMe step on patch tokens: merge the ``r`` most similar (A, B) pairs.
+
+    Tokens alternate into sets A (even) and B (odd); each A token finds its most similar B token
+    (cosine of ``metric``); the ``r`` best edges merge A into B by a size-weighted average.
+    x: (B, n, D); size: (B, n); metric: (B, n, d). Returns ``(x', size', metric', where)`` with
+    ``n - r`` tokens ordered [unmerged A..., B...] and ``where`` (B, n) the new slot of each token.
+    """
+    Bsz, n, D = x.shape
+    nA = (n + 1) // 2
+    r = min(r, nA, n - nA)
+    if r <= 0:
+        return x, size, metric, torch.arange(n, device=x.device).expand(Bsz, n)
+    m = F.normalize(metric, dim=-1)
+    scores = m[:, ::2] @ m[:, 1::2].transpose(1, 2)  # (B, nA, nB)
+    best, best_b = scores.max(-1)  # each A token's most similar B token
+    edge_order = best.argsort(-1, descending=True)
+    src, unm = edge_order[:, :r], edge_order[:, r:]  # A tokens that merge / stay
+    dst = torch.gather(best_b, 1, src)  # (B, r) their B partners
+
+    def merge(values, weights):  # size-weighted sum into B, then the new size divides it out
+        a, b = values[:, ::2], values[:, 1::2]
+        wa, wb = weights[:, ::2], weights[:, 1::2]
+        d = values.shape[-1]
+        b_sum = (wb[..., None] * b).scatter_add(1, dst[..., None].expand(-1, -1, d),
+                                                 torch.gather(wa[..., None] * a, 1, src[..., None].expand(-1, -1, d)))
+        return torch.gather(a, 1, unm[..., None].expand(-1, -1, d)), b_sum
+
+    sa, sb = size[:, ::2], size[:, 1::2]
+    sb_new = sb.scatter_add(1, dst, torch.gather(sa, 1, src))
+    xa, xb_sum = merge(x, size)
+    ma, mb_sum = merge(metric, size)
+    new_x = torch.cat([xa, xb_sum / sb_new[..., None].clamp_min(1e-12)], 1)
+    new_m = torch.cat([ma, mb_sum / sb_new[..., None].clamp_min(1e-12)], 1)
+    new_size = torch.cat([torch.gather(sa, 1, unm), sb_new], 1)
+    n_unm = unm.shape[1]
+    where = torch.empty(Bsz, n, dtype=torch.long, device=x.device)
+    where_a = torch.empty(Bsz, nA, dtype=torch.long, device=x.device)
+    where_a.scatter_(1, unm, torch.arange(n_unm, device=x.device).expand(Bsz, -1))
+    where_a.scatter_(1, src, n_unm + dst)
+    where[:, ::2] = where_a
+    where[:, 1::2] = n_unm + torch.arange(n - nA, device=x.device)
+    return new_x, new_size, new_m, where
+
+
+def tome(x: torch.Tensor, ctx: TokenContext, keep: float = 0.5) -> Reduced:
+    """ToMe: bipartite soft matching on keys (mean over heads) until ``budget(n, keep)`` remain.
+
+    [CLS] is never merged.  One matching step can at most halve the tokens, so lower budgets
+    repeat it.  Sizes add up; the ViT's proportional attention uses them.
+    """
+    n, k = ctx.n_patches, budget(ctx.n_patches, keep)
+    if k == n:
+        return _identity(x, ctx)
+    B = x.shape[0]
+    xs, size, metric = x[:, 1:], ctx.size[:, 1:], ctx.keys[:, :, 1:].mean(1)
+    where = torch.arange(n, device=x.device).expand(B, n)
+    while xs.shape[1] > k:
+        xs, size, metric, w = bipartite_merge(xs, size, metric, xs.shape[1] - k)
+        where = torch.gather(w, 1, where)
+    where = torch.cat([torch.zeros(B, 1, dtype=torch.long, device=x.device), where + 1], 1)
+    return Reduced(torch.cat([x[:, :1], xs], 1), torch.cat([ctx.size[:, :1], size], 1), where)
+
+
+def lat(x: torch.Tensor, ctx: TokenContext, keep: float = 0.5) -> Reduced:
+    """Latency Adjustable Transformer: drop the tokens the others attend to least.
+
+    A token's *attention context contribution* is the attention all tokens pay it (column sum of the
+    attention matrix, mean over heads); keep the ``budget(n, keep)`` largest.
+    """
+    n, k = ctx.n_patches, budget(ctx.n_patches, keep)
+    if k == n:
+        return _identity(x, ctx)
+    contribution = ctx.attn.mean(1).sum(1)[:, 1:]  # (B, n) attention received
+    chosen = torch.zeros(x.shape[0], n, dtype=torch.bool, device=x.device)
+    chosen.scatter_(1, contribution.topk(k, dim=1).indices, True)
+    return _select(x, ctx, chosen)
+
+
+# ----------------------------------------------------------------------------------------------
+# TCC: token-level correlation-guided compression
+
+
+def crop_density(keys: torch.Tensor, tokens_per_crop: int, sim_threshold: float = 0.9,
+                 redundant_frac: float = 0.15) -> torch.Tensor:
+    """Information density of each crop from the cosine similarity of its patch keys.
+
+    A patch is *redundant* when its key's cosine similarity exceeds ``sim_threshold`` with more than
+    ``redundant_frac`` of the other patches of its crop (blank paper looks like all other blank
+    paper); density = 1 - fraction of redundant patches.
+    keys: (B, n_patches, d) patch keys, crop after crop. Returns (B, n_crops) in [0, 1].
+    """
+    B, n, d = keys.shape
+    T = tokens_per_crop
+    if n % T:
+        raise ValueError(f"{n} patches do not split into crops of {T}")
+    k = F.normalize(keys.reshape(B, n // T, T, d), dim=-1)
+    sim = k @ k.transpose(-2, -1)  # (B, C, T, T)
+    similar = (sim > sim_threshold).sum(-1) - 1  # others each patch is close to (minus itself)
+    redundant = similar > redundant_frac * (T - 1)
+    return 1.0 - redundant.float().mean(-1)
+
+
+def tcc_budget(density: torch.Tensor, tokens_per_crop: int, keep: float, ref_density: float = 0.5,
+               min_per_crop: int = 1) -> torch.Tensor:
+    """Tokens each crop keeps: ``T * keep ** (ref_density / density)``, clamped to [min, T].
+
+    A crop of density ``ref_density`` keeps the fraction ``keep``; denser crops keep more, sparser
+    fewer; ``keep = 1`` keeps everything whatever the density.
+    """
+    keep = _check_keep(keep)
+    frac = keep ** (ref_density / density.clamp_min(1e-3))
+    n = torch.round(frac * tokens_per_crop).long()
+    return n.clamp(min=min(min_per_crop, tokens_per_crop), max=tokens_per_crop)
+
+
+def iqr_outliers(values: torch.Tensor, k: float = 1.5) -> torch.Tensor:
+    """True where a value lies above ``Q3 + k * IQR`` of its row (Tukey's fence). values: (B, n)."""
+    q = torch.quantile(values.float(), torch.tensor([0.25, 0.75], device=values.device), dim=1)  # (2, B)
+    fence = q[1] + k * (q[1] - q[0])
+    return values > fence[:, None]
+
+
+def tcc(x: torch.Tensor, ctx: TokenContext, keep: float = 0.5, *, sim_threshold: float = 0.9,
+        redundant_frac: float = 0.15, ref_density: float = 0.5, min_per_crop: int = 1,
+        iqr_k: float = 1.5, sample: bool = True) -> Reduced:
+    """Token-level Correlation-guided Compression (our implementation; the paper's code is unreleased).
+
+    1. density of each crop from the similarity of its first-block patch keys (:func:`crop_density`);
+    2. a per-crop budget from that density (:func:`tcc_budget`);
+    3. local: within each crop draw that many patches without replacement, with probability ∝ the
+       [CLS] attention of the block before the reducer (``sample=False``: take the top ones);
+    4. global: add every patch whose [CLS] attention is an IQR outlier over the whole page;
+    5. discard the rest (no fusion).  Pages keep different counts: the batch is padded.
+    """
+    keep = _check_keep(keep)
+    if keep == 1.0:
+        return _identity(x, ctx)
+    B, n, T = x.shape[0], ctx.n_patches, ctx.tokens_per_crop
+    C = n // T
+    pk = ctx.first_keys[:, :, 1:].transpose(1, 2).reshape(B, n, -1)  # all heads' keys per patch
+    density = crop_density(pk, T, sim_threshold, redundant_frac)  # (B, C)
+    per_crop = tcc_budget(density, T, keep, ref_density, min_per_crop)  # (B, C)
+    a = _cls_attention(ctx)  # (B, n)
+    scores = torch.log(a.clamp_min(1e-12)).reshape(B, C, T)
+    if sample:  # Gumbel top-k == sampling without replacement with p ∝ attention
+        u = torch.rand(B, C, T, generator=ctx.generator).to(x.device).clamp(1e-9, 1 - 1e-9)
+        scores = scores - torch.log(-torch.log(u))
+    rank = scores.argsort(-1, descending=True).argsort(-1)  # (B, C, T) rank of each patch in its crop
+    chosen = (rank < per_crop[..., None]).reshape(B, n)
+    outliers = iqr_outliers(a, iqr_k)
+    chosen = chosen | outliers
+    out = _select(x, ctx, chosen)
+    out.extra = {"density": density, "per_crop": per_crop, "outliers": outliers.sum(1)}
+    return out
+
+
+REDUCERS = {"keep_all": keep_all, "random_drop": random_drop, "pool": pool, "evit": evit,
+            "tome": tome, "lat": lat, "tcc": tcc}
+
+
+def make(name: str, keep: float = 1.0, **options):
+    """``reducer(x, ctx)`` with ``keep`` and options bound, e.g. ``make("tcc", keep=0.5)``."""
+    if name not in REDUCERS:
+        raise ValueError(f"unknown reducer {name!r}; choose one of {', '.join(REDUCERS)}")
+    _check_keep(keep)
+    fn = functools.partial(REDUCERS[name], keep=keep, **options)
+    fn.__name__ = f"{name}(keep={keep:g})"  # type: ignore[attr-defined]
+    return fn
