@@ -40,11 +40,14 @@ def colab_url(stem: str) -> str:
 
 
 def chapter_sources() -> list[Path]:
-    """book/*.md files that are notebooks (they carry a kernelspec in their front matter)."""
+    """Chapters: book/*.md notebooks whose front matter names an `effdl: chapter:`."""
     out = []
     for md in sorted((ROOT / "book").glob("*.md")):
-        head = md.read_text().split("\n---", 1)[0]
-        if md.read_text().startswith("---") and "kernelspec:" in head:
+        text = md.read_text()
+        if not text.startswith("---"):
+            continue
+        front = yaml.safe_load(text.split("\n---", 1)[0][3:]) or {}
+        if "kernelspec" in front and (front.get("effdl") or {}).get("chapter"):
             out.append(md)
     return out
 

@@ -1,0 +1,350 @@
+"""The roofline of the machine in front of you, and real kernels placed on it.
+
+A kernel that performs ``F`` floating-point operations and moves ``B`` bytes between memory and the
+processor cannot run faster than ``max(F / peak_flops, B / peak_bandwidth)`` (Williams et al.,
+2009).  Its *arithmetic intensity* ``I = F / B`` (FLOP per byte) says which term wins: below the
+*ridge point* ``peak_flops / peak_bandwidth`` a kernel is memory-bound, above it compute-bound.
+
+Both peaks are measured here, not copied from a data sheet: a large matrix multiply for compute and a
+large copy for bandwidth, timed with :func:`effdl.measure.benchmark`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import torch
+
+from effdl.measure import benchmark, count_flops, resolve_device
+
+__all__ = [
+    "Roofline", "Kernel", "arithmetic_intensity", "bytes_per_element",
+    "matmul_flops", "matmul_bytes", "elementwise_bytes", "softmax_flops", "softmax_bytes",
+    "attention_flops", "naive_attention_bytes", "attention_layer_flops",
+    "naive_attention", "attention_layer",
+    "peak_compute", "peak_bandwidth", "measure_roofline", "kernel_suite", "place_kernels",
+    "plot_roofline",
+]
+
+
+# --------------------------------------------------------------------------------------------------
+# The model
+# --------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Roofline:
+    """Measured peaks of one device: ``peak_flops`` in FLOP/s, ``peak_bandwidth`` in bytes/s."""
+
+    peak_flops: float
+    peak_bandwidth: float
+    device: str = "cpu"
+    dtype: str = "float32"
+
+    def __post_init__(self):
+        if not (self.peak_flops > 0 and self.peak_bandwidth > 0):
+            raise ValueError(
+                f"a roofline needs positive peaks, got peak_flops={self.peak_flops}, "
+                f"peak_bandwidth={self.peak_bandwidth}"
+            )
+
+    @property
+    def ridge(self) -> float:
+        """The intensity (FLOP/byte) where the memory roof meets the compute roof."""
+        return self.peak_flops / self.peak_bandwidth
+
+    def attainable(self, intensity: float) -> float:
+        """Best FLOP/s a kernel of this intensity can reach: ``min(peak, I × bandwidth)``."""
+        if intensity < 0:
+            raise ValueError(f"intensity must be >= 0 FLOP/byte, got {intensity}")
+        return min(self.peak_flops, intensity * self.peak_bandwidth)
+
+    def predict_seconds(self, flops: float, nbytes: float) -> float:
+        """Lower bound on the run time: the slower of doing the work and moving the bytes."""
+        if flops < 0 or nbytes < 0:
+            raise ValueError(f"flops and bytes must be >= 0, got flops={flops}, bytes={nbytes}")
+        return max(flops / self.peak_flops, nbytes / self.peak_bandwidth)
+
+    def bound(self, intensity: float) -> str:
+        """``"memory"`` below the ridge point, ``"compute"`` at or above it."""
+        return "memory" if intensity < self.ridge else "compute"
+
+    def __str__(self) -> str:
+        return (
+            f"roofline of {self.device} ({self.dtype}): {self.peak_flops / 1e9:.1f} GFLOP/s, "
+            f"{self.peak_bandwidth / 1e9:.1f} GB/s, ridge at {self.ridge:.1f} FLOP/byte"
+        )
+
+
+def arithmetic_intensity(flops: float, nbytes: float) -> float:
+    """FLOP per byte moved."""
+    if nbytes <= 0:
+        raise ValueError(f"bytes moved must be > 0 to define an intensity, got {nbytes}")
+    if flops < 0:
+        raise ValueError(f"flops must be >= 0, got {flops}")
+    return flops / nbytes
+
+
+def bytes_per_element(dtype: torch.dtype) -> int:
+    if not isinstance(dtype, torch.dtype):
+        raise TypeError(f"expected a torch.dtype such as torch.float32, got {dtype!r}")
+    return torch.empty((), dtype=dtype).element_size()
+
+
+# --------------------------------------------------------------------------------------------------
+# Work and traffic, by hand.  Bytes are the *minimum* traffic: every input read once, every output
+# written once (what an ideal kernel moves; caches can only make the real number larger or equal).
+# --------------------------------------------------------------------------------------------------
+def _check_pos(**dims: int) -> None:
+    for name, v in dims.items():
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise ValueError(f"{name} must be a positive int, got {v!r}")
+
+
+def matmul_flops(m: int, n: int, k: int) -> int:
+    """(m, k) @ (k, n): m·n dot products of length k, one multiply and one add each."""
+    _check_pos(m=m, n=n, k=k)
+    return 2 * m * n * k
+
+
+def matmul_bytes(m: int, n: int, k: int, bytes_per_element: int = 4) -> int:
+    """Read A (m·k) and B (k·n) once, write C (m·n) once."""
+    _check_pos(m=m, n=n, k=k, bytes_per_element=bytes_per_element)
+    return (m * k + k * n + m * n) * bytes_per_element
+
+
+def elementwise_bytes(numel: int, n_inputs: int = 1, n_outputs: int = 1, bytes_per_element: int = 4) -> int:
+    """An elementwise op reads each input and writes each output once."""
+    _check_pos(numel=numel, bytes_per_element=bytes_per_element)
+    return numel * (n_inputs + n_outputs) * bytes_per_element
+
+
+def softmax_flops(rows: int, cols: int) -> int:
+    """Per element: max-compare, subtract, exp, add to the sum, divide — 5 FLOPs (exp counted as 1)."""
+    _check_pos(rows=rows, cols=cols)
+    return 5 * rows * cols
+
+
+def softmax_bytes(rows: int, cols: int, bytes_per_element: int = 4) -> int:
+    _check_pos(rows=rows, cols=cols)
+    return 2 * rows * cols * bytes_per_element
+
+
+def attention_flops(batch: int, heads: int, seq: int, head_dim: int) -> int:
+    """The two matmuls of attention, S = Q Kᵀ and O = P V: 2·(2·N·N·d) per head.
+
+    The softmax (≈ 5·N² per head) is left out, as ``torch.utils.flop_counter`` and the
+    FlashAttention papers do.
+    """
+    _check_pos(batch=batch, heads=heads, seq=seq, head_dim=head_dim)
+    return 4 * batch * heads * seq * seq * head_dim
+
+
+def naive_attention_bytes(batch: int, heads: int, seq: int, head_dim: int, bytes_per_element: int = 4) -> int:
+    """Traffic of :func:`naive_attention`, op by op (each op reads its inputs, writes its output).
+
+    scale q: read+write B·H·N·d; S = q Kᵀ: read 2·B·H·N·d, write B·H·N²; softmax: read+write B·H·N²;
+    O = P V: read B·H·N² + B·H·N·d, write B·H·N·d.  Total (6·N·d + 4·N²)·B·H elements.
+    """
+    _check_pos(batch=batch, heads=heads, seq=seq, head_dim=head_dim)
+    bh = batch * heads
+    return bh * (6 * seq * head_dim + 4 * seq * seq) * bytes_per_element
+
+
+def attention_layer_flops(batch: int, seq: int, d_model: int) -> int:
+    """A multi-head self-attention layer: Q, K, V and output projections plus the attention matmuls.
+
+    Projections: 4 matmuls of (B·N, D) @ (D, D) = 8·B·N·D².  Attention: 4·B·N²·D (independent of
+    how D is split into heads).  Softmax and biases are not counted.
+    """
+    _check_pos(batch=batch, seq=seq, d_model=d_model)
+    return 8 * batch * seq * d_model**2 + 4 * batch * seq**2 * d_model
+
+
+def naive_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """softmax(q kᵀ / √d) v, materializing the (…, N, N) score matrix.
+
+    q, k, v: (batch, heads, seq, head_dim).  A plain version for measuring: the attention chapter
+    builds and tests the real ones.
+    """
+    if q.ndim != 4 or q.shape != k.shape or k.shape != v.shape:
+        raise ValueError(
+            f"q, k, v must all be (batch, heads, seq, head_dim); got {tuple(q.shape)}, "
+            f"{tuple(k.shape)}, {tuple(v.shape)}"
+        )
+    scale = q.shape[-1] ** -0.5
+    scores = (q * scale) @ k.transpose(-2, -1)  # (B, H, N, N): the quadratic intermediate
+    return torch.softmax(scores, dim=-1) @ v     # (B, H, N, d)
+
+
+def attention_layer(x: torch.Tensor, w_qkv: torch.Tensor, w_out: torch.Tensor, heads: int) -> torch.Tensor:
+    """Multi-head self-attention without biases or masks.
+
+    x: (batch, seq, d_model); w_qkv: (d_model, 3·d_model); w_out: (d_model, d_model).
+    """
+    if x.ndim != 3:
+        raise ValueError(f"x must be (batch, seq, d_model), got shape {tuple(x.shape)}")
+    b, n, d_model = x.shape
+    if d_model % heads:
+        raise ValueError(f"d_model={d_model} is not divisible by heads={heads}")
+    if tuple(w_qkv.shape) != (d_model, 3 * d_model) or tuple(w_out.shape) != (d_model, d_model):
+        raise ValueError(
+            f"expected w_qkv {(d_model, 3 * d_model)} and w_out {(d_model, d_model)}, "
+            f"got {tuple(w_qkv.shape)} and {tuple(w_out.shape)}"
+        )
+    qkv = (x @ w_qkv).view(b, n, 3, heads, d_model // heads)  # (B, N, 3, H, d)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)            # each (B, H, N, d)
+    o = naive_attention(q, k, v).transpose(1, 2).reshape(b, n, d_model)
+    return o @ w_out
+
+
+# --------------------------------------------------------------------------------------------------
+# Measuring the two roofs
+# --------------------------------------------------------------------------------------------------
+def peak_compute(device=None, *, n: int = 1024, dtype: torch.dtype = torch.float32,
+                 warmup: int = 2, repeat: int = 5) -> float:
+    """FLOP/s of an n×n×n matmul, from the *fastest* repeat.
+
+    Why the fastest and not the median: a peak is what the machine can do; on a shared machine the
+    slower repeats measure the neighbours.  (Kernels placed on the roofline use the median.)
+    """
+    _check_pos(n=n)
+    dev = resolve_device(device)
+    a = torch.randn(n, n, device=dev, dtype=dtype)
+    b = torch.randn(n, n, device=dev, dtype=dtype)
+    res = benchmark(lambda: a @ b, warmup=warmup, repeat=repeat, device=dev)
+    return matmul_flops(n, n, n) / (res.min_ms * 1e-3)
+
+
+def peak_bandwidth(device=None, *, mib: int = 256, warmup: int = 2, repeat: int = 5) -> float:
+    """Bytes/s of copying a ``mib``-MiB buffer (read once + write once), from the fastest repeat.
+
+    The buffer must be much larger than the last-level cache, or this measures the cache.
+    """
+    _check_pos(mib=mib)
+    dev = resolve_device(device)
+    src = torch.ones(mib * 2**20 // 4, device=dev)
+    dst = torch.empty_like(src)
+    res = benchmark(lambda: dst.copy_(src), warmup=warmup, repeat=repeat, device=dev)
+    return 2 * src.nbytes / (res.min_ms * 1e-3)
+
+
+def measure_roofline(device=None, *, matmul_n: int = 1024, copy_mib: int = 256,
+                     dtype: torch.dtype = torch.float32, warmup: int = 2, repeat: int = 5) -> Roofline:
+    """Measure both roofs of ``device`` (default CPU) for ``dtype`` matmuls."""
+    dev = resolve_device(device)
+    return Roofline(
+        peak_flops=peak_compute(dev, n=matmul_n, dtype=dtype, warmup=warmup, repeat=repeat),
+        peak_bandwidth=peak_bandwidth(dev, mib=copy_mib, warmup=warmup, repeat=repeat),
+        device=str(dev), dtype=str(dtype).replace("torch.", ""),
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Kernels to place on it
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class Kernel:
+    """A zero-argument callable with its work and minimum traffic counted by hand."""
+
+    name: str
+    family: str
+    fn: Callable[[], Any]
+    flops: int
+    nbytes: int
+
+    @property
+    def intensity(self) -> float:
+        return arithmetic_intensity(self.flops, self.nbytes)
+
+
+def kernel_suite(
+    S, device=None, dtype: torch.dtype = torch.float32, *, matmul_sizes: Sequence[int] | None = None
+) -> list[Kernel]:
+    """Matmuls at several sizes, elementwise add, a sum, a softmax and naive attention.
+
+    ``S`` is the chapter's sizes (``effdl.profile.sizes("measuring")``).
+    """
+    dev = resolve_device(device)
+    e = bytes_per_element(dtype)
+    mk = dict(device=dev, dtype=dtype)
+    kernels: list[Kernel] = []
+    for n in matmul_sizes or S.matmul_sizes:
+        a, b = torch.randn(n, n, **mk), torch.randn(n, n, **mk)
+        kernels.append(Kernel(f"matmul {n}", "matmul", lambda a=a, b=b: a @ b,
+                              matmul_flops(n, n, n), matmul_bytes(n, n, n, e)))
+    m = S.elementwise_numel
+    x, y = torch.randn(m, **mk), torch.randn(m, **mk)
+    kernels.append(Kernel("add", "elementwise", lambda: x + y, m, elementwise_bytes(m, 2, 1, e)))
+    kernels.append(Kernel("sum", "reduction", lambda: x.sum(), m - 1, elementwise_bytes(m, 1, 0, e) + e))
+    r, c = S.softmax_shape
+    s = torch.randn(r, c, **mk)
+    kernels.append(Kernel("softmax", "softmax", lambda: torch.softmax(s, dim=-1),
+                          softmax_flops(r, c), softmax_bytes(r, c, e)))
+    bsz, h, n, d = S.attention
+    q, k, v = (torch.randn(bsz, h, n, d, **mk) for _ in range(3))
+    kernels.append(Kernel("naive attention", "attention", lambda: naive_attention(q, k, v),
+                          attention_flops(bsz, h, n, d) + softmax_flops(bsz * h * n, n),
+                          naive_attention_bytes(bsz, h, n, d, e)))
+    return kernels
+
+
+def place_kernels(kernels: Sequence[Kernel], roof: Roofline, *, warmup: int = 2, repeat: int = 5,
+                  device=None, progress: bool = False) -> list[dict[str, Any]]:
+    """Time each kernel; one row with its intensity, achieved FLOP/s and the roof's bound there.
+
+    ``efficiency`` = achieved / attainable: 1.0 means the kernel runs at its roof.
+    ``flops_counted`` is what ``torch.utils.flop_counter`` reports for the same call.
+    """
+    from tqdm.auto import tqdm
+
+    rows = []
+    for kern in tqdm(kernels, desc="kernels", disable=not progress, leave=False):
+        res = benchmark(kern.fn, warmup=warmup, repeat=repeat, device=device)
+        sec = res.median_ms * 1e-3
+        intensity = kern.intensity
+        achieved = kern.flops / sec
+        rows.append(dict(
+            kernel=kern.name, family=kern.family, flops=kern.flops, flops_counted=count_flops(kern.fn),
+            bytes=kern.nbytes, intensity=intensity, ms=res.median_ms, ms_iqr=res.iqr_ms,
+            gflops=achieved / 1e9, gbs=kern.nbytes / sec / 1e9,
+            bound_gflops=roof.attainable(intensity) / 1e9, bound=roof.bound(intensity),
+            efficiency=achieved / roof.attainable(intensity),
+        ))
+    return rows
+
+
+_FAMILY_MARKERS = {"matmul": "o", "elementwise": "s", "reduction": "v", "softmax": "D", "attention": "*"}
+
+
+def plot_roofline(roof: Roofline, rows: Sequence[dict] = (), *, ax=None, title: str = "",
+                  unit: float = 1e9, unit_name: str = "GFLOP/s", annotate: bool = True):
+    """Log-log roofline with measured kernels as points (x = intensity, y = achieved FLOP/s)."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    if ax is None:
+        _, ax = plt.subplots(figsize=(6.2, 4.0))
+    pts = [r for r in rows if r.get("intensity") and r.get("gflops")]
+    lo = min([roof.ridge / 100] + [r["intensity"] / 2 for r in pts])
+    hi = max([roof.ridge * 20] + [r["intensity"] * 2 for r in pts])
+    xs = np.logspace(math.log10(lo), math.log10(hi), 200)
+    ax.plot(xs, [roof.attainable(x) / unit for x in xs], color="k", lw=2,
+            label=f"roof: {roof.peak_flops / unit:.3g} {unit_name}, {roof.peak_bandwidth / 1e9:.3g} GB/s")
+    ax.axvline(roof.ridge, color="k", ls=":", lw=1)
+    for fam in dict.fromkeys(r["family"] for r in pts):
+        sub = [r for r in pts if r["family"] == fam]
+        ax.scatter([r["intensity"] for r in sub], [r["gflops"] * 1e9 / unit for r in sub],
+                   marker=_FAMILY_MARKERS.get(fam, "o"), s=40, label=fam, zorder=3)
+        if annotate:
+            for r in sub:
+                ax.annotate(r["kernel"], (r["intensity"], r["gflops"] * 1e9 / unit), fontsize=7,
+                            xytext=(4, -9), textcoords="offset points")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("arithmetic intensity (FLOP/byte)")
+    ax.set_ylabel(f"achieved ({unit_name})")
+    ax.set_title(title or f"measured roofline: {roof.device}, {roof.dtype}")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7, loc="lower right")
+    return ax
