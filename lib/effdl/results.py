@@ -51,3 +51,30 @@ def describe_missing(chapter: str) -> str:
         f"No recorded GPU run of the {chapter} benchmarks is in book/results/ yet, so this page shows "
         f"CPU measurements only. On a GPU machine, `{REGENERATE}` records one."
     )
+
+
+TIMINGS_GLOB = "notebook-timings-*.json"
+
+
+def notebook_timings_table():
+    """A Markdown table of recorded chapter execution times (``.ci/time_notebooks.py`` writes them)."""
+    from IPython.display import Markdown
+
+    d = results_dir()
+    files = sorted(d.glob(TIMINGS_GLOB)) if d is not None and d.is_dir() else []
+    if not files:
+        return Markdown(
+            "*No recorded chapter timings yet.* Record them with "
+            "`python .ci/time_notebooks.py --profile cpu` (writes `book/results/notebook-timings-cpu.json`)."
+        )
+    parts = []
+    for path in files:
+        doc = json.loads(path.read_text())
+        meta = doc["meta"]
+        lines = [f"**profile `{meta.get('profile')}`** — {meta.get('device_name')} "
+                 f"({meta.get('cpu_count', '?')} cores), torch {meta.get('torch')}, {str(meta.get('date'))[:10]} "
+                 f"(`{path.name}`)", "", "| chapter | total (s) | slowest cell (s) | status |", "|---|---:|---:|---|"]
+        for r in doc["results"]:
+            lines.append(f"| {r['notebook']} | {r['seconds']:.0f} | {r['slowest_cell_seconds']:.0f} | {r['status']} |")
+        parts.append("\n".join(lines))
+    return Markdown("\n\n".join(parts))

@@ -147,14 +147,26 @@ def sync_timer(fn: Callable[[], Any], device, *, warmup: int = 3, repeat: int = 
     return statistics.median(times)
 
 
+def _synced_time(fn: Callable[[], Any], device) -> float:
+    """Host-clock milliseconds of one call, synchronizing a CUDA device before and after."""
+    import torch
+
+    if device is not None and torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        fn()
+        torch.cuda.synchronize(device)
+        return (time.perf_counter() - t0) * 1e3
+    return naive_time(fn)
+
+
 def paired_ratio(fn_a: Callable[[], Any], fn_b: Callable[[], Any], *, warmup: int = 2,
-                 repeat: int = 10, timer: Callable[[Callable[[], Any]], float] = naive_time) -> dict:
+                 repeat: int = 10, device=None) -> dict:
     """Time A and B interleaved (A, B, A, B, …) and report the median of the per-round ratios A/B.
 
     Why interleave: on a shared machine the speed drifts (other jobs, clock boost, heat); timing all
     of A and then all of B lets the drift masquerade as a difference.  Rounds alternate which goes
-    first so neither always follows the other.  ``timer`` is the per-call clock (on a GPU, one that
-    synchronizes).
+    first so neither always follows the other.  On CUDA every call is synchronized before and after.
     """
     if repeat < 1 or warmup < 0:
         raise ValueError(f"need repeat >= 1 and warmup >= 0, got repeat={repeat}, warmup={warmup}")
@@ -164,11 +176,11 @@ def paired_ratio(fn_a: Callable[[], Any], fn_b: Callable[[], Any], *, warmup: in
     ta, tb = [], []
     for i in range(repeat):
         if i % 2 == 0:
-            ta.append(timer(fn_a))
-            tb.append(timer(fn_b))
+            ta.append(_synced_time(fn_a, device))
+            tb.append(_synced_time(fn_b, device))
         else:
-            tb.append(timer(fn_b))
-            ta.append(timer(fn_a))
+            tb.append(_synced_time(fn_b, device))
+            ta.append(_synced_time(fn_a, device))
     ratios = [a / b for a, b in zip(ta, tb)]
     lo, med, hi = quartiles(ratios)
     return dict(ratio=med, ratio_q1=lo, ratio_q3=hi, a_ms=statistics.median(ta), b_ms=statistics.median(tb),

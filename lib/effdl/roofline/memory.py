@@ -1,0 +1,137 @@
+"""Memory: peak bytes, parameters vs activations, and why naive attention runs out of memory.
+
+:func:`peak_bytes` is :func:`effdl.measure.peak_memory` on CUDA.  On the CPU it reads the
+profiler's raw allocation records (each with its size and time): in torch ≥ 2.x the profiler's
+``FunctionEvent`` list attributes allocations made *inside* an op to that op, so summing only its
+``[memory]`` events — which keep the frees — undercounts (see the note in the chapter's report).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Sequence
+
+import torch
+
+from effdl.measure import peak_memory, resolve_device
+
+__all__ = [
+    "peak_bytes", "parameter_bytes", "make_mlp", "training_step", "mlp_activation_bytes",
+    "training_memory_sweep", "attention_scores_bytes", "attention_memory_sweep", "max_seq_len_for_memory",
+]
+
+
+def _cpu_peak_from_allocations(fn: Callable[[], Any]) -> int:
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    try:
+        from torch._C._profiler import _EventType
+
+        deltas: list[tuple[int, int]] = []
+        stack = list(prof.profiler.kineto_results.experimental_event_tree())
+        while stack:
+            node = stack.pop()
+            if node.tag == _EventType.Allocation:
+                f = node.extra_fields
+                if str(f.device).startswith("cpu"):
+                    deltas.append((node.start_time_ns, int(f.alloc_size)))
+            stack.extend(node.children)
+    except (ImportError, AttributeError):  # older/newer torch without the raw tree: op-level fallback
+        deltas = [(int(e.time_range.start * 1e3), int(e.self_cpu_memory_usage))
+                  for e in prof.events() if e.self_cpu_memory_usage]
+    deltas.sort(key=lambda t: t[0])
+    live = peak = 0
+    for _, d in deltas:
+        live += d
+        peak = max(peak, live)
+    return int(peak)
+
+
+def peak_bytes(fn: Callable[[], Any], device=None) -> int:
+    """Peak bytes of tensors allocated while ``fn()`` runs, above what was live before."""
+    if not callable(fn):
+        raise TypeError(f"peak_bytes expects a callable taking no arguments, got {type(fn).__name__}")
+    dev = resolve_device(device)
+    if dev.type == "cuda":
+        return peak_memory(fn, device=dev)
+    return _cpu_peak_from_allocations(fn)
+
+
+def parameter_bytes(model: torch.nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def make_mlp(width: int, depth: int, *, n_in: int | None = None, n_out: int = 10, seed: int = 0) -> torch.nn.Sequential:
+    """``depth`` blocks of Linear(width, width) + ReLU, then a Linear to ``n_out``."""
+    if width < 1 or depth < 1:
+        raise ValueError(f"width and depth must be >= 1, got width={width}, depth={depth}")
+    g = torch.Generator().manual_seed(seed)
+    layers: list[torch.nn.Module] = []
+    for i in range(depth):
+        layers += [torch.nn.Linear(n_in or width if i == 0 else width, width), torch.nn.ReLU()]
+    layers.append(torch.nn.Linear(width, n_out))
+    model = torch.nn.Sequential(*layers)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * p.shape[-1] ** -0.5)
+    return model
+
+
+def training_step(model: torch.nn.Module, x: torch.Tensor) -> Callable[[], None]:
+    """A zero-argument forward + backward of ``model(x).square().mean()``, gradients reset each time."""
+    def step():
+        model.zero_grad(set_to_none=True)  # why: each call allocates its gradients afresh
+        model(x).square().mean().backward()
+    return step
+
+
+def mlp_activation_bytes(batch: int, width: int, depth: int, bytes_per_element: int = 4) -> int:
+    """What autograd keeps for backward, by hand: per block, the Linear's input and the ReLU's output."""
+    return 2 * depth * batch * width * bytes_per_element
+
+
+def training_memory_sweep(width: int, depth: int, batches: Sequence[int], device=None) -> list[dict]:
+    """Peak memory of one training step at each batch size, next to parameters and activations by hand."""
+    dev = resolve_device(device)
+    model = make_mlp(width, depth).to(dev)
+    rows = []
+    for b in batches:
+        x = torch.randn(b, width, device=dev)
+        rows.append(dict(
+            batch=b, peak_bytes=peak_bytes(training_step(model, x), dev),
+            parameter_bytes=parameter_bytes(model), activation_bytes=mlp_activation_bytes(b, width, depth),
+        ))
+    return rows
+
+
+def attention_scores_bytes(batch: int, heads: int, seq: int, bytes_per_element: int = 4) -> int:
+    """One (batch, heads, seq, seq) score matrix."""
+    return batch * heads * seq * seq * bytes_per_element
+
+
+def attention_memory_sweep(seqs: Sequence[int], *, batch: int = 1, heads: int = 4, head_dim: int = 64,
+                           device=None, dtype: torch.dtype = torch.float32) -> list[dict]:
+    """Peak memory of the naive attention forward at each sequence length."""
+    from effdl.roofline.roofline import naive_attention
+
+    dev = resolve_device(device)
+    rows = []
+    for n in seqs:
+        q, k, v = (torch.randn(batch, heads, n, head_dim, device=dev, dtype=dtype) for _ in range(3))
+        e = q.element_size()
+        rows.append(dict(
+            seq=n, peak_bytes=peak_bytes(lambda: naive_attention(q, k, v), dev),
+            scores_bytes=attention_scores_bytes(batch, heads, n, e),
+            qkv_bytes=3 * q.numel() * e,
+        ))
+    return rows
+
+
+def max_seq_len_for_memory(memory_bytes: float, *, batch: int, heads: int, bytes_per_element: int = 2,
+                           matrices: int = 2) -> int:
+    """Longest sequence whose ``matrices`` score-sized (N×N per head) buffers fit in ``memory_bytes``."""
+    if memory_bytes <= 0:
+        raise ValueError(f"memory_bytes must be > 0, got {memory_bytes}")
+    return int(math.isqrt(int(memory_bytes // (matrices * batch * heads * bytes_per_element))))
