@@ -19,7 +19,7 @@ $(STAMP): lib/requirements-lock.txt pyproject.toml
 setup: $(STAMP)  ## create .venv with the pinned dependencies and the library (editable)
 
 book: setup  ## build the site, executing every chapter in the cpu profile (cached)
-	EFFDL_PROFILE=cpu $(VENV)/bin/jupyter-book build . -W -n --keep-going
+	EFFDL_PROFILE=cpu EFFDL_SITE_BUILD=1 $(VENV)/bin/jupyter-book build . -W -n --keep-going
 	@echo "site: $(CURDIR)/_build/html/index.html"
 
 test: setup  ## library tests, notebooks (nbmake, smoke profile), pairing check, book build, grader

@@ -220,3 +220,25 @@ def test_data_bad_input():
         class_balanced_subset(x, y[:5], 1)
     xs, ys = class_balanced_subset(x, y, 1, seed=1)
     assert ys.tolist() == [0, 1, 2]
+
+
+# --- explorer ----------------------------------------------------------------------------------
+def test_explorer_always_draws_static_figures(monkeypatch):
+    import matplotlib.pyplot as plt
+
+    from effdl.plot import explorer
+
+    drawn = []
+
+    def draw(k):
+        drawn.append(k)
+        fig, ax = plt.subplots()
+        ax.plot([0, k])
+        return fig
+
+    monkeypatch.setenv("EFFDL_SITE_BUILD", "1")
+    assert explorer(draw, static=[{"k": 1}, {"k": 2}], k=(1, 5)) is None
+    assert drawn == [1, 2]
+    monkeypatch.delenv("EFFDL_SITE_BUILD")
+    widget = explorer(draw, static=[{"k": 3}], k=(1, 5))
+    assert drawn[:3] == [1, 2, 3] and widget is not None

@@ -53,3 +53,41 @@ def recorded_label(meta: dict) -> str:
     dev = meta.get("device_name") or meta.get("device", "?")
     date = str(meta.get("date", "?"))[:10]
     return f"recorded on {dev}, {date} (torch {meta.get('torch', '?')})"
+
+
+SITE_BUILD_ENV = "EFFDL_SITE_BUILD"
+
+
+def explorer(draw, static: Sequence[dict], **controls):
+    """An interactive explorer that never leaves a dead widget on the site.
+
+    ``draw(**values)`` makes one figure.  The static figures (one per dict in ``static``) are always
+    drawn, so the rendered site and any notebook viewer show real results.  In a live kernel, and
+    unless ``$EFFDL_SITE_BUILD`` is set (``make book`` sets it: a static page cannot run callbacks), an
+    ``ipywidgets.interact`` explorer over ``controls`` follows.  Works with ipywidgets 7.7.1 (Colab)
+    and 8.x: only ``interact`` with plain value lists/tuples is used.
+    """
+    import os
+
+    from IPython.display import display
+
+    for values in static:
+        fig = draw(**values)
+        if fig is not None:
+            display(fig)
+            plt.close(fig)
+    if os.environ.get(SITE_BUILD_ENV) or not controls:
+        return None
+    try:
+        import ipywidgets
+    except ImportError:
+        print("(install ipywidgets for the interactive version)")
+        return None
+
+    def _show(**values):
+        fig = draw(**values)
+        if fig is not None:
+            display(fig)
+            plt.close(fig)
+
+    return ipywidgets.interact(_show, **controls)

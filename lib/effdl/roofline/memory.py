@@ -80,16 +80,22 @@ def make_mlp(width: int, depth: int, *, n_in: int | None = None, n_out: int = 10
 
 
 def training_step(model: torch.nn.Module, x: torch.Tensor) -> Callable[[], None]:
-    """A zero-argument forward + backward of ``model(x).square().mean()``, gradients reset each time."""
+    """A zero-argument forward + backward of ``model(x).square().mean()`` (gradients accumulate).
+
+    To see the gradients' memory in a peak, call ``model.zero_grad(set_to_none=True)`` first.
+    """
     def step():
-        model.zero_grad(set_to_none=True)  # why: each call allocates its gradients afresh
         model(x).square().mean().backward()
     return step
 
 
 def mlp_activation_bytes(batch: int, width: int, depth: int, bytes_per_element: int = 4) -> int:
-    """What autograd keeps for backward, by hand: per block, the Linear's input and the ReLU's output."""
-    return 2 * depth * batch * width * bytes_per_element
+    """What autograd keeps for backward, by hand: each block's ReLU output (batch × width values).
+
+    The ReLU saves its output to compute its gradient, and the next Linear saves its input to compute
+    its weight gradient: the same tensor, stored once.  The Linear's output is not kept.
+    """
+    return depth * batch * width * bytes_per_element
 
 
 def training_memory_sweep(width: int, depth: int, batches: Sequence[int], device=None) -> list[dict]:
@@ -99,6 +105,7 @@ def training_memory_sweep(width: int, depth: int, batches: Sequence[int], device
     rows = []
     for b in batches:
         x = torch.randn(b, width, device=dev)
+        model.zero_grad(set_to_none=True)  # why: the step then allocates its gradients, as a first step does
         rows.append(dict(
             batch=b, peak_bytes=peak_bytes(training_step(model, x), dev),
             parameter_bytes=parameter_bytes(model), activation_bytes=mlp_activation_bytes(b, width, depth),
