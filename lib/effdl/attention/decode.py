@@ -1,1 +1,150 @@
-def decode_attention(*a, **k): raise NotImplementedError
+"""The decode phase: a few query tokens against a long KV cache, split along the keys.
+
+One new token per sequence means Nq = 1: a prefill kernel that parallelizes over (query tiles x
+heads) launches only batch x heads programs, far too few to fill a GPU, and each of them streams the
+whole cache alone.  Flash-Decoding splits the keys into chunks, computes a partial (output, logsumexp)
+per chunk in parallel, and merges them with the associative softmax-state merge.  Lean Attention
+balances the work further: every worker gets the same number of key tiles, even across heads
+(stream-K).  Causal masking is bottom-right aligned: query t of Nq sees keys j <= L - Nq + t.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from effdl.attention._validate import check_qkv
+from effdl.attention.softmax import SoftmaxState, init_state, merge_lse, merge_states, update_state
+
+BACKENDS = ("torch", "triton")
+
+
+def even_split(L: int, num_splits: int, block: int = 1) -> list[tuple[int, int]]:
+    """Split L keys into ``num_splits`` contiguous chunks whose sizes (in tiles of ``block``) differ by ≤ 1."""
+    if num_splits < 1 or block < 1:
+        raise ValueError(f"num_splits and block must be >= 1, got {num_splits}, {block}")
+    tiles = -(-L // block)
+    bounds, start = [], 0
+    for s in range(num_splits):
+        n = tiles // num_splits + (1 if s < tiles % num_splits else 0)
+        end = min(L, start + n * block)
+        bounds.append((start, end))
+        start = end
+    return bounds
+
+
+def default_num_splits(rows: int, L: int, device: torch.device, min_chunk: int = 256) -> int:
+    """Enough splits to give every GPU SM ~16 programs (CPU: chunks of >= 2048 keys), chunks >= min_chunk."""
+    if device.type == "cuda":
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        want = -(-16 * sms // max(rows, 1))
+    else:
+        want = max(1, L // 2048)
+    return int(max(1, min(want, -(-L // min_chunk))))
+
+
+def split_kv_partials(q, k, v, num_splits: int, causal: bool = True, scale: float | None = None):
+    """Partial results of each key chunk: ``(out (S, ..., Nq, dv), lse (S, ..., Nq))``, vectorized.
+
+    The first splits are equal chunks of ⌈L/S⌉ keys, taken as views of the cache (no copy); a shorter
+    remainder, if any, is one more split.  Scores are computed in the cache's dtype (fp32 accumulation
+    inside the matmul) and turned into fp32 for the softmax statistics, as a GPU kernel does.
+    """
+    scale = check_qkv(q, k, v, scale)
+    nq, L = q.shape[-2], k.shape[-2]
+    chunk = -(-L // num_splits)
+    n_full = L // chunk
+    qs = q * scale
+    acc = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
+    key_limit = torch.arange(nq, device=q.device) + (L - nq) if causal else torch.full((nq,), L - 1, device=q.device)
+    outs, lses = [], []
+    parts = [(0, n_full, chunk)] + ([(n_full * chunk, 1, L - n_full * chunk)] if n_full * chunk < L else [])
+    for start, n, c in parts:
+        kc = k[..., start:start + n * c, :].unflatten(-2, (n, c))       # (..., n, c, d): a view
+        vc = v[..., start:start + n * c, :].unflatten(-2, (n, c))
+        s = (qs.unsqueeze(-3) @ kc.transpose(-2, -1)).to(acc)            # (..., n, Nq, c)
+        key = start + torch.arange(n * c, device=q.device).view(n, 1, c)
+        s = s.masked_fill(key > key_limit.view(nq, 1), float("-inf"))
+        m = s.amax(dim=-1)                                               # (..., n, Nq)
+        m_safe = torch.where(torch.isneginf(m), torch.zeros_like(m), m)
+        p = torch.exp(s - m_safe[..., None])
+        l = p.sum(dim=-1)
+        o = (p.to(v.dtype) @ vc).to(acc) / torch.where(l == 0, torch.ones_like(l), l)[..., None]
+        outs.append(o)
+        lses.append(torch.where(l == 0, torch.full_like(m, float("-inf")), m_safe + torch.log(l)))
+    out = torch.cat(outs, dim=-3) if len(outs) > 1 else outs[0]
+    lse = torch.cat(lses, dim=-2) if len(lses) > 1 else lses[0]
+    return out.movedim(-3, 0), lse.movedim(-2, 0)
+
+
+def decode_attention(q, k_cache, v_cache, num_splits: int | None = None, backend: str = "torch",
+                     causal: bool = True, scale: float | None = None) -> torch.Tensor:
+    """Split-KV (Flash-Decoding) attention of ``q`` (B, H, Nq, d) against a cache (B, H, L, d).
+
+    ``num_splits`` key chunks are processed independently and merged by their logsumexps
+    (default: enough to fill the device).  ``backend="triton"`` runs the Triton kernels (CUDA sm_80+,
+    or the CPU under TRITON_INTERPRET=1).  ``causal`` aligns bottom-right, so with Nq = 1 every key is seen.
+    """
+    check_qkv(q, k_cache, v_cache, scale)
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    L = k_cache.shape[-2]
+    if num_splits is None:
+        rows = math.prod(q.shape[:-1])
+        num_splits = default_num_splits(rows, L, q.device)
+    if not isinstance(num_splits, int) or isinstance(num_splits, bool) or num_splits < 1:
+        raise ValueError(f"num_splits must be a positive int, got {num_splits!r}")
+    num_splits = min(num_splits, max(L, 1))
+    if backend == "triton":
+        from effdl.attention.triton_kernels import triton_decode
+
+        return triton_decode(q, k_cache, v_cache, num_splits=num_splits, causal=causal, scale=scale)
+    outs, lses = split_kv_partials(q, k_cache, v_cache, num_splits, causal=causal, scale=scale)
+    out, _ = merge_lse(outs, lses, dim=0)
+    return out.to(q.dtype)
+
+
+def lean_schedule(num_heads: int, tiles_per_head: int, workers: int) -> list[list[tuple[int, int, int]]]:
+    """Stream-K (Lean Attention) schedule: each worker gets an equal share (±1) of all key tiles.
+
+    Returns, per worker, its segments ``(head, first_tile, end_tile)``; a worker's range may end in
+    one head and continue in the next, so every worker does the same work however heads and lengths
+    divide.  Each head's partial states are then merged.
+    """
+    if min(num_heads, tiles_per_head, workers) < 1:
+        raise ValueError("num_heads, tiles_per_head and workers must all be >= 1")
+    total = num_heads * tiles_per_head
+    schedule, start = [], 0
+    for w in range(workers):
+        n = total // workers + (1 if w < total % workers else 0)
+        segs, pos, end = [], start, start + n
+        while pos < end:
+            head, t0 = divmod(pos, tiles_per_head)
+            t1 = min(tiles_per_head, t0 + (end - pos))
+            segs.append((head, t0, t1))
+            pos += t1 - t0
+        schedule.append(segs)
+        start = end
+    return schedule
+
+
+def lean_decode(q, k, v, workers: int, block: int = 64, scale: float | None = None) -> torch.Tensor:
+    """Run :func:`lean_schedule` step by step (a readable reference, not fast): q (B, H, 1, d)."""
+    scale = check_qkv(q, k, v, scale)
+    B, H, nq, _ = q.shape
+    if nq != 1:
+        raise ValueError(f"lean_decode handles one query token (Nq = 1), got Nq = {nq}")
+    L, dv = k.shape[-2], v.shape[-1]
+    heads = B * H
+    qf, kf, vf = q.reshape(heads, 1, -1).double(), k.reshape(heads, L, -1).double(), v.reshape(heads, L, dv).double()
+    states: list[SoftmaxState | None] = [None] * heads
+    for segs in lean_schedule(heads, -(-L // block), workers):
+        for head, t0, t1 in segs:                                        # one worker's share
+            st = init_state((1,), dv, dtype=torch.float64)
+            for t in range(t0, t1):
+                ks, vs = kf[head, t * block:(t + 1) * block], vf[head, t * block:(t + 1) * block]
+                st = update_state(st, (qf[head] * scale) @ ks.T, vs)
+            states[head] = st if states[head] is None else merge_states(states[head], st)
+    out = torch.stack([s.finalize()[0] for s in states])                 # (heads, 1, dv)
+    return out.reshape(B, H, 1, dv).to(q.dtype)

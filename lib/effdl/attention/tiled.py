@@ -91,22 +91,29 @@ def flash2_forward(q, k, v, causal: bool = False, scale: float | None = None, bl
     for i0 in range(0, nq, bq):
         i1 = min(i0 + bq, nq)
         qi = q[..., i0:i1, :].to(acc_t) * scale                           # scale q once, not every S tile
-        m = torch.full(qi.shape[:-1], float("-inf"), dtype=acc_t, device=q.device)
-        l = torch.zeros_like(m)
-        o = torch.zeros((*qi.shape[:-1], dv), dtype=acc_t, device=q.device)
+        m = l = o = None                                                  # the state; empty before tile 0
         k_end = min(nk, i1 + off) if causal else nk                      # causal: later keys all masked
         for j0 in range(0, max(k_end, 0), bk):
             j1 = min(j0 + bk, k_end)
             s = qi @ kT[..., j0:j1].to(acc_t)                             # (..., bq, bk)
-            if causal and j1 - 1 > i0 + off:                              # tile crosses the diagonal
+            masked = causal and j1 - 1 > i0 + off                         # tile crosses the diagonal
+            if masked:
                 s.masked_fill_(~causal_mask(i1 - i0, j1 - j0, q0=i0 + off, k0=j0, device=q.device), float("-inf"))
-            m_new = torch.maximum(m, s.amax(dim=-1))
-            shift = _nonneg_max(m_new)
+            m_new = s.amax(dim=-1) if m is None else torch.maximum(m, s.amax(dim=-1))
+            shift = _nonneg_max(m_new) if masked else m_new               # only masked rows can be all -inf
             p = s.sub_(shift[..., None]).exp_()                           # in place: no second tile
-            alpha = torch.exp(m - shift)
-            l = l.mul_(alpha).add_(p.sum(dim=-1))
-            o = o.mul_(alpha[..., None]).add_(p @ v[..., j0:j1, :].to(acc_t))
+            vj = v[..., j0:j1, :].to(acc_t)
+            if m is None:                                                 # first tile: nothing to rescale
+                l, o = p.sum(dim=-1), p @ vj
+            else:
+                alpha = torch.exp(m - shift)                              # rescale what was summed so far
+                l = l.mul_(alpha).add_(p.sum(dim=-1))
+                o = o.mul_(alpha[..., None]).add_(p @ vj)
             m = m_new
+        if m is None:                                                     # no visible key at all
+            out[..., i0:i1, :] = 0
+            lse[..., i0:i1] = float("-inf")
+            continue
         empty = l == 0                                                    # rows that saw no key
         out[..., i0:i1, :] = (o / torch.where(empty, torch.ones_like(l), l)[..., None]).to(q.dtype)
         lse[..., i0:i1] = torch.where(empty, torch.full_like(m, float("-inf")), m + torch.log(l))
@@ -183,3 +190,21 @@ def tiled_attention(q, k, v, causal: bool = False, scale: float | None = None,
     check_qkv(q, k, v, scale)
     check_block("block_q", block_q, 1), check_block("block_k", block_k, 1)
     return TiledAttentionFunction.apply(q, k, v, causal, scale, block_q, block_k)
+
+
+def causal_tile_plan(nq: int, nk: int, block_q: int, block_k: int) -> dict[tuple[int, int], str]:
+    """Which (query tile, key tile) pairs a causal pass must visit, bottom-right aligned.
+
+    ``"full"``: every query of the tile sees every key of it (no mask needed); ``"partial"``: the
+    tile crosses the diagonal (build a mask).  Pairs absent from the dict are entirely masked: skipped.
+    """
+    off = nk - nq
+    plan = {}
+    for i, i0 in enumerate(range(0, nq, block_q)):
+        i1 = min(i0 + block_q, nq)
+        for j, j0 in enumerate(range(0, nk, block_k)):
+            j1 = min(j0 + block_k, nk)
+            if j0 > i1 - 1 + off:                                        # even the last row sees none
+                continue
+            plan[(i, j)] = "full" if j1 - 1 <= i0 + off else "partial"
+    return plan

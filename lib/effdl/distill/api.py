@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from effdl.distill.baselines import herding_subset, random_subset
 from effdl.distill.convnet import make_net
-from effdl.distill.dc import dc_inner_train, dc_match_loss
+from effdl.distill.dc import DCStepper
 from effdl.distill.matching import match_distill
 
 __all__ = ["METHODS", "distill", "evaluate", "dc_distill", "validate"]
@@ -39,30 +39,14 @@ def validate(x: torch.Tensor, y: torch.Tensor, ipc: int | None = None) -> None:
                              f"choose ipc ≤ {smallest}")
 
 
-def dc_distill(x, y, x_syn, y_syn, iterations: int, seed: int, *, width: int = 128, real_per_class: int = 64,
-               lr: float = 0.05, outer_loop: int = 5, inner_steps: int = 5, net_lr: float = 0.01,
-               progress: bool = False):
-    """Gradient matching: a fresh network every ``outer_loop`` image updates, trained ``inner_steps``
-    steps on the synthetic set between updates.  Returns the optimized copy of ``x_syn``."""
+def dc_distill(x, y, x_syn, y_syn, iterations: int, seed: int, *, progress: bool = False, **options):
+    """Gradient matching for ``iterations`` image updates (see :class:`effdl.distill.dc.DCStepper`)."""
     from tqdm.auto import tqdm
 
-    g = torch.Generator().manual_seed(seed)
-    classes = torch.unique(y).tolist()
-    real_x = [x[y == c] for c in classes]
-    x_syn = x_syn.detach().clone().requires_grad_(True)
-    syn_idx = [torch.nonzero(y_syn == c).flatten() for c in classes]
-    opt = torch.optim.Adam([x_syn], lr=lr)
-    net = None
-    for it in tqdm(range(iterations), desc="dc", disable=not progress, leave=False):
-        if it % outer_loop == 0:
-            net = make_net(x, len(classes), width, seed=10_000 * seed + 5_000 + it)
-        reals = [xc[torch.randperm(len(xc), generator=g)[:real_per_class].to(x.device)] for xc in real_x]
-        loss = dc_match_loss(net, reals, [x_syn[i] for i in syn_idx], classes)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        dc_inner_train(net, x_syn, y_syn, inner_steps, net_lr)
-    return x_syn.detach()
+    stepper = DCStepper(x, y, x_syn, y_syn, seed, **options)
+    for _ in tqdm(range(iterations), desc="dc", disable=not progress, leave=False):
+        stepper.step()
+    return stepper.x_syn.detach()
 
 
 def distill(x: torch.Tensor, y: torch.Tensor, method: str, ipc: int, iterations: int = 200, seed: int = 0,
@@ -92,6 +76,10 @@ def distill(x: torch.Tensor, y: torch.Tensor, method: str, ipc: int, iterations:
         return dc_distill(x, y, x0, y0, iterations, seed, **options), y0
     allowed = {"width", "pool_size", "real_per_class", "lr", "n_freq", "sigma", "alpha", "beta",
                "sampler_lr", "sampler_every", "cache_real", "pool", "progress"}
+    if method == "dm":
+        allowed -= {"n_freq", "sigma", "alpha", "beta", "sampler_lr", "sampler_every"}
+    elif method == "cfd":
+        allowed -= {"sampler_lr", "sampler_every"}
     _reject(options, allowed, method)
     x_syn, _ = match_distill(x, y, x0, y0, method, iterations, seed, **options)
     return x_syn, y0

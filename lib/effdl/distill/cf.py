@@ -18,23 +18,28 @@ _TINY = 1e-12  # keeps sqrt differentiable where a CF is exactly 0
 
 
 def _check(f_real: torch.Tensor, f_syn: torch.Tensor, t: torch.Tensor) -> None:
-    for name, v in (("f_real", f_real), ("f_syn", f_syn), ("t", t)):
-        if not isinstance(v, torch.Tensor) or v.ndim != 2:
-            raise ValueError(f"{name} must be a 2-D tensor (rows × feature dim), got "
-                             f"{tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__}")
-    if not (f_real.shape[1] == f_syn.shape[1] == t.shape[1]):
+    for name, v, dims in (("f_real", f_real, (2, 3)), ("f_syn", f_syn, (2, 3)), ("t", t, (2,))):
+        if not isinstance(v, torch.Tensor) or v.ndim not in dims:
+            raise ValueError(f"{name} must be a {' or '.join(map(str, dims))}-D tensor ([classes,] rows, "
+                             f"feature dim), got {tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__}")
+    if f_real.ndim != f_syn.ndim or f_real.shape[:-2] != f_syn.shape[:-2]:
+        raise ValueError(f"f_real {tuple(f_real.shape)} and f_syn {tuple(f_syn.shape)} must both be (n, d), "
+                         "or both (classes, n, d) with the same number of classes")
+    if not (f_real.shape[-1] == f_syn.shape[-1] == t.shape[1]):
         raise ValueError(f"feature dims disagree: f_real {tuple(f_real.shape)}, f_syn {tuple(f_syn.shape)}, "
                          f"t {tuple(t.shape)}; frequencies need one entry per feature")
 
 
 def empirical_cf(f: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Real and imaginary parts of ``mean_j exp(i⟨t_k, f_j⟩)``: two tensors of shape (m,)."""
-    phase = t @ f.T                                           # (m, n): ⟨t_k, f_j⟩
-    return phase.cos().mean(1), phase.sin().mean(1)
+    """Real and imaginary parts of ``mean_j exp(i⟨t_k, f_j⟩)`` for ``f`` (n, d) and ``t`` (m, d):
+    two tensors of shape (m,).  A leading batch axis on ``f`` (classes, n, d) gives (classes, m)."""
+    phase = f @ t.T                                           # (..., n, m): ⟨t_k, f_j⟩
+    return phase.cos().mean(-2), phase.sin().mean(-2)
 
 
 def cf_terms(f_real: torch.Tensor, f_syn: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-frequency amplitude and phase terms, each (m,); their sum is ``|Φ_r(t) − Φ_s(t)|²``."""
+    """Per-frequency amplitude and phase terms, each (m,) (or (classes, m) for batched features);
+    their sum is ``|Φ_r(t) − Φ_s(t)|²``."""
     _check(f_real, f_syn, t)
     re_r, im_r = empirical_cf(f_real, t)
     re_s, im_s = empirical_cf(f_syn, t)
@@ -48,13 +53,16 @@ def cf_terms(f_real: torch.Tensor, f_syn: torch.Tensor, t: torch.Tensor) -> tupl
 
 def cf_discrepancy(f_real: torch.Tensor, f_syn: torch.Tensor, t: torch.Tensor,
                    alpha: float = 0.5, beta: float = 0.5) -> torch.Tensor:
-    """NCFM's discrepancy: mean over frequencies of ``sqrt(α·amplitude + β·phase)`` (a scalar)."""
+    """NCFM's discrepancy: mean over frequencies of ``sqrt(α·amplitude + β·phase)`` (a scalar).
+
+    ``f_real`` (n, d), ``f_syn`` (k, d), ``t`` (m, d).  Batched (classes, n, d) and (classes, k, d)
+    features give the sum over classes of the per-class discrepancies."""
     if alpha < 0 or beta < 0:
         raise ValueError(f"alpha and beta weight two squared terms and must be ≥ 0, got {alpha}, {beta}")
     amplitude, phase = cf_terms(f_real, f_syn, t)
     per_freq = alpha * amplitude + beta * phase
     eps = 1e-8  # why: sqrt'(0) is infinite; the shift keeps the value exactly 0 for identical sets
-    return ((per_freq + eps).sqrt() - eps ** 0.5).mean()
+    return ((per_freq + eps).sqrt() - eps ** 0.5).mean(-1).sum()
 
 
 def gaussian_frequencies(n_freq: int, dim: int, sigma: float = 1.0, *, generator=None,

@@ -15,7 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["gradient_distance", "dc_match_loss", "dc_inner_train"]
+from effdl.distill.convnet import make_net
+
+__all__ = ["gradient_distance", "dc_match_loss", "dc_inner_train", "DCStepper"]
 
 
 def gradient_distance(g_real: Sequence[torch.Tensor], g_syn: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -55,3 +57,36 @@ def dc_inner_train(net: nn.Module, x_syn: torch.Tensor, y_syn: torch.Tensor, ste
         opt.zero_grad(set_to_none=True)
         F.cross_entropy(net(x), y).backward()
         opt.step()
+
+
+class DCStepper:
+    """One DC iteration per :meth:`step`: match gradients, update the images, train the network
+    ``inner_steps`` steps on them; a fresh network every ``outer_loop`` iterations."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, x_syn: torch.Tensor, y_syn: torch.Tensor, seed: int, *,
+                 width: int = 128, real_per_class: int = 64, lr: float = 0.01, outer_loop: int = 10,
+                 inner_steps: int = 5, net_lr: float = 0.01):
+        self.g = torch.Generator().manual_seed(seed)
+        self.seed, self.width, self.outer_loop, self.inner_steps, self.net_lr = seed, width, outer_loop, inner_steps, net_lr
+        self.classes = torch.unique(y).tolist()
+        self.real_x = [x[y == c] for c in self.classes]
+        self.real_per_class = min(real_per_class, min(len(xc) for xc in self.real_x))
+        self.x_syn = x_syn.detach().clone().requires_grad_(True)
+        self.y_syn = y_syn
+        self.syn_idx = [torch.nonzero(y_syn == c).flatten() for c in self.classes]
+        self.opt = torch.optim.Adam([self.x_syn], lr=lr)
+        self.net: nn.Module | None = None
+        self.it = 0
+
+    def step(self) -> float:
+        if self.it % self.outer_loop == 0:
+            self.net = make_net(self.x_syn, len(self.classes), self.width, seed=10_000 * self.seed + 5_000 + self.it)
+        reals = [xc[torch.randperm(len(xc), generator=self.g)[:self.real_per_class].to(xc.device)]
+                 for xc in self.real_x]
+        loss = dc_match_loss(self.net, reals, [self.x_syn[i] for i in self.syn_idx], self.classes)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()                                        # second order: through the gradients
+        self.opt.step()
+        dc_inner_train(self.net, self.x_syn, self.y_syn, self.inner_steps, self.net_lr)
+        self.it += 1
+        return float(loss.detach())

@@ -22,6 +22,9 @@ def mean_embedding_mmd(f_real: torch.Tensor, f_syn: torch.Tensor) -> torch.Tenso
     return ((f_real.mean(0) - f_syn.mean(0)) ** 2).sum()
 
 
-def dm_loss(f_real: Sequence[torch.Tensor], f_syn: Sequence[torch.Tensor]) -> torch.Tensor:
-    """DM's loss: the sum over classes of :func:`mean_embedding_mmd`."""
+def dm_loss(f_real: torch.Tensor | Sequence[torch.Tensor], f_syn: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
+    """DM's loss: the sum over classes of :func:`mean_embedding_mmd`; per-class lists, or batched
+    (classes, n, d) and (classes, k, d) tensors."""
+    if isinstance(f_real, torch.Tensor) and f_real.ndim == 3:
+        return ((f_real.mean(1) - f_syn.mean(1)) ** 2).sum()
     return sum(mean_embedding_mmd(r, s) for r, s in zip(f_real, f_syn))

@@ -9,8 +9,6 @@ do this — its network changes every step (see :mod:`effdl.distill.dc`).
 
 from __future__ import annotations
 
-from typing import Sequence
-
 import torch
 
 from effdl.distill.cf import cf_discrepancy, gaussian_frequencies
@@ -18,7 +16,7 @@ from effdl.distill.convnet import make_net
 from effdl.distill.dm import dm_loss
 from effdl.distill.ncfm import FrequencySampler, sampler_ascent_step
 
-__all__ = ["FeaturePool", "matching_loss", "match_distill"]
+__all__ = ["FeaturePool", "MatchingStepper", "matching_loss", "match_distill"]
 
 
 class FeaturePool:
@@ -65,51 +63,75 @@ class FeaturePool:
         return self.nets[k].features(x_syn) / self.scale[k]
 
 
-def matching_loss(method: str, f_real: Sequence[torch.Tensor], f_syn: Sequence[torch.Tensor],
-                  t: torch.Tensor | None = None, alpha: float = 0.5, beta: float = 0.5) -> torch.Tensor:
-    """Σ over classes: DM's mean-embedding distance, or the CF discrepancy at frequencies ``t``."""
+def matching_loss(method: str, f_real: torch.Tensor, f_syn: torch.Tensor, t: torch.Tensor | None = None,
+                  alpha: float = 0.5, beta: float = 0.5) -> torch.Tensor:
+    """Σ over classes of DM's mean-embedding distance, or of the CF discrepancy at frequencies ``t``;
+    ``f_real`` (classes, n, d), ``f_syn`` (classes, ipc, d)."""
     if method == "dm":
         return dm_loss(f_real, f_syn)
-    return sum(cf_discrepancy(r, s, t, alpha, beta) for r, s in zip(f_real, f_syn))
+    return cf_discrepancy(f_real, f_syn, t, alpha, beta)
+
+
+class MatchingStepper:
+    """One image update of DM / CF / NCFM per :meth:`step` (state: images, optimizers, sampler, RNG).
+
+    Kept as an object so that the benchmark can time exactly one iteration of the real loop."""
+
+    def __init__(self, pool: FeaturePool, x_syn: torch.Tensor, y_syn: torch.Tensor, method: str, seed: int, *,
+                 real_per_class: int = 64, lr: float = 0.05, n_freq: int = 256, sigma: float = 1.0,
+                 alpha: float = 0.5, beta: float = 0.5, sampler_lr: float = 0.01, sampler_every: int = 1):
+        if method not in ("dm", "cfd", "ncfm"):
+            raise ValueError(f"MatchingStepper runs dm, cfd or ncfm, not {method!r}")
+        self.pool, self.method, self.alpha, self.beta = pool, method, alpha, beta
+        self.n_freq, self.sigma, self.sampler_every = n_freq, sigma, sampler_every
+        self.g = torch.Generator().manual_seed(seed)
+        self.real_per_class = min(real_per_class, min(len(xc) for xc in pool.real_x))
+        self.x_syn = x_syn.detach().clone().requires_grad_(True)
+        self.syn_idx = torch.stack([torch.nonzero(y_syn == c).flatten() for c in pool.classes])  # (classes, ipc)
+        # why Adam for the pixels: the three losses have different scales; Adam's step does not care
+        self.opt = torch.optim.Adam([self.x_syn], lr=lr)
+        self.sampler = self.s_opt = None
+        if method == "ncfm":
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                self.sampler = FrequencySampler(pool.dim, n_freq, sigma=sigma / pool.dim ** 0.5).to(x_syn.device)
+            self.s_opt = torch.optim.Adam(self.sampler.parameters(), lr=sampler_lr)
+        self.it = 0
+
+    def step(self) -> float:
+        pool, g = self.pool, self.g
+        k = int(torch.randint(len(pool.nets), (1,), generator=g))              # a network of the pool
+        f_syn = pool.syn_features(k, self.x_syn)[self.syn_idx]                   # (classes, ipc, d)
+        f_real = torch.stack([pool.real_batch(k, ci, self.real_per_class, g)     # (classes, n, d)
+                              for ci in range(len(pool.classes))])
+        t = None
+        if self.method == "cfd":
+            t = gaussian_frequencies(self.n_freq, pool.dim, self.sigma / pool.dim ** 0.5, generator=g)
+            t = t.to(self.x_syn.device)
+        elif self.method == "ncfm":
+            if self.it % self.sampler_every == 0:      # max step: the sampler, on detached features
+                sampler_ascent_step(self.sampler, self.s_opt, f_real, f_syn, self.alpha, self.beta,
+                                    measure=False, generator=g)
+            with torch.no_grad():                      # min step: the images, frequencies fixed
+                t = self.sampler(self.sampler.draw_noise(g))
+        loss = matching_loss(self.method, f_real, f_syn, t, self.alpha, self.beta)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        self.it += 1
+        return float(loss.detach())
 
 
 def match_distill(x: torch.Tensor, y: torch.Tensor, x_syn: torch.Tensor, y_syn: torch.Tensor, method: str,
-                  iterations: int, seed: int, *, width: int = 128, pool_size: int = 16,
-                  real_per_class: int = 64, lr: float = 0.05, n_freq: int = 256, sigma: float = 1.0,
-                  alpha: float = 0.5, beta: float = 0.5, sampler_lr: float = 0.01, sampler_every: int = 1,
-                  cache_real: bool = True, pool: FeaturePool | None = None, progress: bool = False):
+                  iterations: int, seed: int, *, width: int = 128, pool_size: int = 16, cache_real: bool = True,
+                  pool: FeaturePool | None = None, progress: bool = False, **step_options):
     """Optimize a copy of ``x_syn`` by DM (``"dm"``), CF with Gaussian frequencies (``"cfd"``) or NCFM
     (``"ncfm"``); returns ``(x_syn, sampler)`` (sampler is None but for NCFM).  Everything random is
-    drawn from ``seed``."""
+    drawn from ``seed``; pass ``pool`` to share the feature extractors between methods."""
     from tqdm.auto import tqdm
 
-    g = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)                                    # the sampler's noise and init
     pool = pool or FeaturePool(x, y, pool_size, width, seed, cache_real=cache_real)
-    x_syn = x_syn.detach().clone().requires_grad_(True)
-    syn_idx = [torch.nonzero(y_syn == c).flatten() for c in pool.classes]
-    # why Adam for the pixels: the three losses have different scales; Adam's step does not care
-    opt = torch.optim.Adam([x_syn], lr=lr)
-    sampler = s_opt = None
-    if method == "ncfm":
-        sampler = FrequencySampler(pool.dim, n_freq, sigma=sigma / pool.dim ** 0.5).to(x.device)
-        s_opt = torch.optim.Adam(sampler.parameters(), lr=sampler_lr)
-    order = torch.randint(len(pool.nets), (iterations,), generator=g).tolist()
-    for it in tqdm(range(iterations), desc=method, disable=not progress, leave=False):
-        k = order[it]
-        f_syn_all = pool.syn_features(k, x_syn)
-        f_syn = [f_syn_all[i] for i in syn_idx]
-        f_real = [pool.real_batch(k, ci, real_per_class, g) for ci in range(len(pool.classes))]
-        t = None
-        if method == "cfd":
-            t = gaussian_frequencies(n_freq, pool.dim, sigma / pool.dim ** 0.5, generator=g).to(x.device)
-        elif method == "ncfm":
-            if it % sampler_every == 0:                        # max step: the sampler, features fixed
-                sampler_ascent_step(sampler, s_opt, f_real, f_syn, alpha, beta)
-            with torch.no_grad():
-                t = sampler()                                  # min step: frequencies fixed
-        loss = matching_loss(method, f_real, f_syn, t, alpha, beta)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    return x_syn.detach(), sampler
+    stepper = MatchingStepper(pool, x_syn, y_syn, method, seed, **step_options)
+    for _ in tqdm(range(iterations), desc=method, disable=not progress, leave=False):
+        stepper.step()
+    return stepper.x_syn.detach(), stepper.sampler

@@ -50,11 +50,11 @@ class FrequencySampler(nn.Module):
             self.scale_net[2].bias.zero_()
 
     def draw_noise(self, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """The randomness of one draw, ``(u, z)``; pass it back to :meth:`forward` to reuse a draw."""
-        dev = self.log_diag.device
-        u = torch.randn(self.n_freq, self.noise_dim, generator=generator, device=dev)
-        z = torch.randn(self.n_freq, self.dim, generator=generator, device=dev)
-        return u, z
+        """The randomness of one draw, ``(u, z)``; pass it back to :meth:`forward` to reuse a draw.
+        A (CPU) ``generator`` makes the draw reproducible."""
+        u = torch.randn(self.n_freq, self.noise_dim, generator=generator)
+        z = torch.randn(self.n_freq, self.dim, generator=generator)
+        return u.to(self.log_diag.device), z.to(self.log_diag.device)
 
     def scales(self, u: torch.Tensor) -> torch.Tensor:
         """Per-frequency scales (n_freq, 1), within sigma·[1/max_ratio, max_ratio]."""
@@ -68,7 +68,8 @@ class FrequencySampler(nn.Module):
 
 def summed_discrepancy(f_real: Features, f_syn: Features, t: torch.Tensor, alpha: float = 0.5,
                        beta: float = 0.5) -> torch.Tensor:
-    """CF discrepancy of one pair of feature sets, or the sum over per-class pairs (two lists)."""
+    """CF discrepancy of one pair of feature sets (2-D, or batched per class 3-D), or the sum over
+    per-class pairs given as two lists."""
     if isinstance(f_real, torch.Tensor):
         return cf_discrepancy(f_real, f_syn, t, alpha, beta)
     if len(f_real) != len(f_syn):
@@ -87,19 +88,23 @@ def grad_norm(module: nn.Module) -> float:
 
 
 def sampler_ascent_step(sampler: FrequencySampler, optimizer: torch.optim.Optimizer, f_real: Features,
-                        f_syn: Features, alpha: float = 0.5, beta: float = 0.5) -> tuple[float, float]:
+                        f_syn: Features, alpha: float = 0.5, beta: float = 0.5, *,
+                        measure: bool = True, generator: torch.Generator | None = None) -> tuple[float, float]:
     """One gradient-*ascent* step of the sampler on fixed features; returns (before, after).
 
     The features are detached: the images' side of the graph plays no part in the sampler's
     gradient, and the sampler's step never touches the images.  Before and after are measured on
-    the same noise draw, so their difference is the step's effect alone.
+    the same noise draw, so their difference is the step's effect alone (``measure=False`` skips
+    the extra "after" pass and returns NaN for it: the distillation loop does not need it).
     """
     f_real, f_syn = _detach(f_real), _detach(f_syn)
-    noise = sampler.draw_noise()
+    noise = sampler.draw_noise(generator)
     optimizer.zero_grad(set_to_none=True)
     loss = summed_discrepancy(f_real, f_syn, sampler(noise), alpha, beta)
     (-loss).backward()                                       # ascent = descent on −loss
     optimizer.step()
+    if not measure:
+        return float(loss.detach()), float("nan")
     with torch.no_grad():
         after = summed_discrepancy(f_real, f_syn, sampler(noise), alpha, beta)
     return float(loss.detach()), float(after)

@@ -1,14 +1,17 @@
 """Memory: peak bytes, parameters vs activations, and why naive attention runs out of memory.
 
-:func:`peak_bytes` is :func:`effdl.measure.peak_memory` on CUDA.  On the CPU it reads the
-profiler's raw allocation records (each with its size and time): in torch ≥ 2.x the profiler's
-``FunctionEvent`` list attributes allocations made *inside* an op to that op, so summing only its
-``[memory]`` events — which keep the frees — undercounts (see the note in the chapter's report).
+:func:`peak_bytes` is :func:`effdl.measure.peak_memory` on CUDA.  On the CPU it replays the
+profiler's raw allocation records (each allocation and free with its own time stamp), so a temporary
+allocated and freed *inside* one op (autograd's backward nodes do this) still counts;
+:func:`effdl.measure.peak_memory` replays each op's net bytes, a resolution of one op.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
+import sys
 from typing import Any, Callable, Sequence
 
 import torch
@@ -21,11 +24,33 @@ __all__ = [
 ]
 
 
+@contextlib.contextmanager
+def _quiet_stderr_fd():
+    """Silence file descriptor 2 (the profiler's C++ 'profiler_start/stop' lines) for a moment."""
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError, AttributeError):  # no real fd 2 (some notebook front ends)
+        yield
+        return
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def _cpu_peak_from_allocations(fn: Callable[[], Any]) -> int:
+    import warnings
+
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
+    with warnings.catch_warnings(), _quiet_stderr_fd():
+        warnings.simplefilter("ignore")
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            fn()
     try:
         from torch._C._profiler import _EventType
 
@@ -120,19 +145,31 @@ def attention_scores_bytes(batch: int, heads: int, seq: int, bytes_per_element: 
 
 def attention_memory_sweep(seqs: Sequence[int], *, batch: int = 1, heads: int = 4, head_dim: int = 64,
                            device=None, dtype: torch.dtype = torch.float32) -> list[dict]:
-    """Peak memory of the naive attention forward at each sequence length."""
+    """Peak memory of the naive attention forward at each sequence length.
+
+    A length that runs out of memory gets ``peak_bytes=None`` and ``error="out of memory"``, and the
+    sweep stops there (longer ones would fail too).
+    """
     from effdl.roofline.roofline import naive_attention
 
     dev = resolve_device(device)
+    e = torch.empty((), dtype=dtype).element_size()
     rows = []
     for n in seqs:
-        q, k, v = (torch.randn(batch, heads, n, head_dim, device=dev, dtype=dtype) for _ in range(3))
-        e = q.element_size()
-        rows.append(dict(
-            seq=n, peak_bytes=peak_bytes(lambda: naive_attention(q, k, v), dev),
-            scores_bytes=attention_scores_bytes(batch, heads, n, e),
-            qkv_bytes=3 * q.numel() * e,
-        ))
+        row = dict(seq=n, peak_bytes=None, scores_bytes=attention_scores_bytes(batch, heads, n, e),
+                   qkv_bytes=3 * batch * heads * n * head_dim * e)
+        try:
+            q, k, v = (torch.randn(batch, heads, n, head_dim, device=dev, dtype=dtype) for _ in range(3))
+            row["peak_bytes"] = peak_bytes(lambda: naive_attention(q, k, v), dev)
+        except (torch.OutOfMemoryError, MemoryError):
+            row["error"] = "out of memory"
+        finally:
+            q = k = v = None
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()
+        rows.append(row)
+        if "error" in row:
+            break
     return rows
 
 

@@ -5,8 +5,8 @@ processor cannot run faster than ``max(F / peak_flops, B / peak_bandwidth)`` (Wi
 2009).  Its *arithmetic intensity* ``I = F / B`` (FLOP per byte) says which term wins: below the
 *ridge point* ``peak_flops / peak_bandwidth`` a kernel is memory-bound, above it compute-bound.
 
-Both peaks are measured here, not copied from a data sheet: a large matrix multiply for compute and a
-large copy for bandwidth, timed with :func:`effdl.measure.benchmark`.
+Both peaks are measured here, not copied from a data sheet: a large matrix multiply for compute, a
+large copy and a large read for bandwidth, timed with :func:`effdl.measure.benchmark`.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ __all__ = [
     "matmul_flops", "matmul_bytes", "elementwise_bytes", "softmax_flops", "softmax_bytes",
     "attention_flops", "naive_attention_bytes", "attention_layer_flops",
     "naive_attention", "attention_layer",
-    "peak_compute", "peak_bandwidth", "measure_roofline", "kernel_suite", "place_kernels",
+    "peak_compute", "bandwidths", "peak_bandwidth", "measure_roofline", "kernel_suite", "place_kernels",
     "plot_roofline",
 ]
 
@@ -203,30 +203,43 @@ def attention_layer(x: torch.Tensor, w_qkv: torch.Tensor, w_out: torch.Tensor, h
 # --------------------------------------------------------------------------------------------------
 def peak_compute(device=None, *, n: int = 1024, dtype: torch.dtype = torch.float32,
                  warmup: int = 2, repeat: int = 5) -> float:
-    """FLOP/s of an n×n×n matmul, from the *fastest* repeat.
+    """FLOP/s of square matmuls of side n, n/2 and n/4: the best of them, each from its fastest repeat.
 
     Why the fastest and not the median: a peak is what the machine can do; on a shared machine the
-    slower repeats measure the neighbours.  (Kernels placed on the roofline use the median.)
+    slower repeats measure the neighbours.  Why several sizes: the largest is not always the fastest
+    (on a CPU a smaller one may stay in cache).  Kernels placed on the roofline use the median.
     """
     _check_pos(n=n)
     dev = resolve_device(device)
-    a = torch.randn(n, n, device=dev, dtype=dtype)
-    b = torch.randn(n, n, device=dev, dtype=dtype)
-    res = benchmark(lambda: a @ b, warmup=warmup, repeat=repeat, device=dev)
-    return matmul_flops(n, n, n) / (res.min_ms * 1e-3)
+    best = 0.0
+    for m in sorted({max(1, n // 4), max(1, n // 2), n}):
+        a = torch.randn(m, m, device=dev, dtype=dtype)
+        b = torch.randn(m, m, device=dev, dtype=dtype)
+        res = benchmark(lambda: a @ b, warmup=warmup, repeat=repeat, device=dev)
+        best = max(best, matmul_flops(m, m, m) / (res.min_ms * 1e-3))
+    return best
 
 
-def peak_bandwidth(device=None, *, mib: int = 256, warmup: int = 2, repeat: int = 5) -> float:
-    """Bytes/s of copying a ``mib``-MiB buffer (read once + write once), from the fastest repeat.
+def bandwidths(device=None, *, mib: int = 256, warmup: int = 2, repeat: int = 5) -> dict[str, float]:
+    """Bytes/s of two streaming kernels over a ``mib``-MiB buffer, each from its fastest repeat.
 
-    The buffer must be much larger than the last-level cache, or this measures the cache.
+    ``copy``: ``dst.copy_(src)``, counted as 2 bytes per byte copied (read + write, the STREAM
+    convention).  ``read``: ``src.sum()``, 1 byte per byte.  Writes usually cost an extra read of the
+    destination (write-allocate caches), so a copy alone understates what reading can reach.  The
+    buffer must be much larger than the last-level cache, or this measures the cache.
     """
     _check_pos(mib=mib)
     dev = resolve_device(device)
     src = torch.ones(mib * 2**20 // 4, device=dev)
     dst = torch.empty_like(src)
-    res = benchmark(lambda: dst.copy_(src), warmup=warmup, repeat=repeat, device=dev)
-    return 2 * src.nbytes / (res.min_ms * 1e-3)
+    copy = benchmark(lambda: dst.copy_(src), warmup=warmup, repeat=repeat, device=dev)
+    read = benchmark(lambda: src.sum(), warmup=warmup, repeat=repeat, device=dev)
+    return {"copy": 2 * src.nbytes / (copy.min_ms * 1e-3), "read": src.nbytes / (read.min_ms * 1e-3)}
+
+
+def peak_bandwidth(device=None, *, mib: int = 256, warmup: int = 2, repeat: int = 5) -> float:
+    """Memory bandwidth (bytes/s): the better of a large copy and a large read (see :func:`bandwidths`)."""
+    return max(bandwidths(device, mib=mib, warmup=warmup, repeat=repeat).values())
 
 
 def measure_roofline(device=None, *, matmul_n: int = 1024, copy_mib: int = 256,
@@ -274,8 +287,9 @@ def kernel_suite(
         kernels.append(Kernel(f"matmul {n}", "matmul", lambda a=a, b=b: a @ b,
                               matmul_flops(n, n, n), matmul_bytes(n, n, n, e)))
     m = S.elementwise_numel
-    x, y = torch.randn(m, **mk), torch.randn(m, **mk)
-    kernels.append(Kernel("add", "elementwise", lambda: x + y, m, elementwise_bytes(m, 2, 1, e)))
+    x, y, z = torch.randn(m, **mk), torch.randn(m, **mk), torch.empty(m, **mk)
+    # why out=: a fresh output buffer this large costs page faults on the CPU, which are not the kernel
+    kernels.append(Kernel("add", "elementwise", lambda: torch.add(x, y, out=z), m, elementwise_bytes(m, 2, 1, e)))
     kernels.append(Kernel("sum", "reduction", lambda: x.sum(), m - 1, elementwise_bytes(m, 1, 0, e) + e))
     r, c = S.softmax_shape
     s = torch.randn(r, c, **mk)

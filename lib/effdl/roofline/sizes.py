@@ -10,13 +10,14 @@ class Sizes:
     # timing
     warmup: int                     # untimed calls before every measurement
     repeat: int                     # timed calls per measurement
+    peak_repeat: int                # timed calls of the peak matmul / copy (the fastest one counts)
     single_shots: int               # single host-clock timings drawn to show run-to-run noise
     # roofline of this machine
     peak_matmul_n: int              # square fp32 matmul that measures peak compute
-    copy_mib: int                   # buffer copied to measure memory bandwidth (MiB)
+    copy_mib: int                   # buffer copied / read to measure memory bandwidth (MiB, ≫ last-level cache)
     matmul_sizes: tuple[int, ...]   # square matmuls placed on the roofline
-    elementwise_numel: int          # elements of the elementwise kernels and of the copy-like ops
-    softmax_shape: tuple[int, int]  # (rows, cols) of the softmax kernel
+    elementwise_numel: int          # elements of the add and sum kernels (keep 4·numel bytes > last-level cache)
+    softmax_shape: tuple[int, int]  # (rows, cols) of the softmax kernel (also larger than the cache)
     attention: tuple[int, int, int, int]    # (batch, heads, seq, head_dim) of the naive-attention kernel
     # memory
     mlp_width: int                  # width of the MLP used for parameters vs activations
@@ -33,36 +34,37 @@ class Sizes:
     ttr_batches: tuple[int, ...]    # batch sizes compared on time-to-accuracy
     ttr_target: float               # test accuracy that counts as "done"
     ttr_max_epochs: int
+    ttr_seeds: tuple[int, ...]      # each batch size is trained once per seed; the median time is reported
 
 
 SIZES = {
     "smoke": Sizes(
-        warmup=1, repeat=3, single_shots=12,
+        warmup=1, repeat=3, peak_repeat=3, single_shots=12,
         peak_matmul_n=256, copy_mib=8, matmul_sizes=(16, 64, 128), elementwise_numel=1 << 16,
         softmax_shape=(64, 128), attention=(1, 2, 128, 32),
         mlp_width=64, mlp_depth=2, mlp_batches=(8, 32), attention_mem_seqs=(64, 128, 256),
         conv=(1, 16, 16), gelu_numel=1 << 14,
         pipeline_images=8, pipeline_raw_size=64,
-        ttr_batches=(16, 256), ttr_target=0.5, ttr_max_epochs=2,
+        ttr_batches=(16, 256), ttr_target=0.5, ttr_max_epochs=2, ttr_seeds=(0,),
     ),
     "cpu": Sizes(
-        warmup=2, repeat=7, single_shots=40,
-        peak_matmul_n=1024, copy_mib=256, matmul_sizes=(8, 32, 128, 512, 1024),
-        elementwise_numel=1 << 22, softmax_shape=(4096, 1024), attention=(1, 4, 1024, 64),
+        warmup=2, repeat=11, peak_repeat=15, single_shots=40,
+        peak_matmul_n=1024, copy_mib=64, matmul_sizes=(8, 32, 128, 512, 1024),
+        elementwise_numel=1 << 24, softmax_shape=(8192, 1024), attention=(1, 4, 1024, 64),
         mlp_width=512, mlp_depth=4, mlp_batches=(64, 256, 1024, 2048),
         attention_mem_seqs=(256, 512, 1024, 2048),
         conv=(8, 128, 28), gelu_numel=1 << 22,
         pipeline_images=64, pipeline_raw_size=256,
-        ttr_batches=(16, 128, 1024), ttr_target=0.95, ttr_max_epochs=60,
+        ttr_batches=(16, 128, 1024), ttr_target=0.95, ttr_max_epochs=60, ttr_seeds=(0, 1, 2, 3, 4),
     ),
     "gpu": Sizes(
-        warmup=5, repeat=20, single_shots=60,
+        warmup=5, repeat=20, peak_repeat=20, single_shots=60,
         peak_matmul_n=8192, copy_mib=1024, matmul_sizes=(64, 256, 1024, 4096, 8192),
         elementwise_numel=1 << 26, softmax_shape=(16384, 4096), attention=(4, 16, 4096, 64),
         mlp_width=2048, mlp_depth=8, mlp_batches=(256, 1024, 4096, 8192),
         attention_mem_seqs=(1024, 2048, 4096, 8192),
         conv=(64, 256, 56), gelu_numel=1 << 26,
         pipeline_images=256, pipeline_raw_size=256,
-        ttr_batches=(16, 128, 1024), ttr_target=0.95, ttr_max_epochs=60,
+        ttr_batches=(16, 128, 1024), ttr_target=0.95, ttr_max_epochs=60, ttr_seeds=(0, 1, 2, 3, 4),
     ),
 }

@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 __all__ = [
     "naive_time", "call_times", "FakeAsyncDevice", "FakeEvent", "sync_timer", "paired_ratio",
-    "quartiles",
+    "quartiles", "thread_check",
 ]
 
 
@@ -185,3 +185,34 @@ def paired_ratio(fn_a: Callable[[], Any], fn_b: Callable[[], Any], *, warmup: in
     lo, med, hi = quartiles(ratios)
     return dict(ratio=med, ratio_q1=lo, ratio_q3=hi, a_ms=statistics.median(ta), b_ms=statistics.median(tb),
                 a_times=ta, b_times=tb)
+
+
+def thread_check(n: int = 256, rounds: int = 30) -> dict:
+    """Is this CPU oversubscribed?  Time single calls of an n×n matmul with all of torch's threads
+    and with one, interleaved, and compare their MEAN times (ratio = all threads / one thread).
+
+    On an idle multi-core machine more threads are faster (ratio < 1).  When other jobs keep the
+    cores busy, a parallel kernel now and then waits at a barrier for a descheduled thread — a stall
+    of a whole scheduler time slice — and the ratio goes above 1.  The mean, not the median or the
+    minimum, is the criterion because occasional stalls are exactly the cost in question.  The thread
+    count is restored before returning.
+    """
+    import torch
+
+    if n < 1 or rounds < 1:
+        raise ValueError(f"need n >= 1 and rounds >= 1, got n={n}, rounds={rounds}")
+    threads = torch.get_num_threads()
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    many, one = [], []
+    try:
+        for i in range(rounds + 2):
+            for k in ((threads, 1) if i % 2 == 0 else (1, threads)):
+                torch.set_num_threads(k)
+                t = naive_time(lambda: a @ b)
+                if i >= 2:  # the first two rounds are warm-up
+                    (many if k == threads and threads > 1 else one).append(t)
+    finally:
+        torch.set_num_threads(threads)
+    many = many or one
+    return dict(threads=threads, all_threads_ms=statistics.fmean(many), one_thread_ms=statistics.fmean(one),
+                ratio=statistics.fmean(many) / statistics.fmean(one))

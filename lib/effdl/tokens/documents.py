@@ -149,6 +149,7 @@ def make_documents(
     glyph_px: int = 5,
     kinds: tuple[str, ...] = KINDS,
     stamp_px: int = 8,
+    grid: int | None = 8,
     return_info: bool = False,
 ):
     """``n`` synthetic document pages and their labels (which stamp symbol each page carries).
@@ -160,6 +161,8 @@ def make_documents(
         glyph_px: text size in pixels (letters are about this tall).
         kinds: which page kinds to draw from (:data:`KINDS`, sparse to dense), uniformly.
         stamp_px: size of the boxed stamp symbol; the label is its index in :data:`SYMBOLS`.
+        grid: snap the stamp box to this pixel grid (the ViT's patch size), so the answer sits in a
+            few whole patches; ``None`` places it anywhere.
         return_info: also return ``info`` with per-page ``kind`` (index into :data:`KINDS`) and the
             stamp's ``box`` ``(y0, x0, y1, x1)``.
 
@@ -189,12 +192,17 @@ def make_documents(
         sym = stamps[SYMBOLS[labels[i]]]
         sh, sw = sym.shape
         bh, bw = sh + 4, sw + 4
-        y0 = int(rng.integers(0, H - bh))
-        x0 = int(rng.integers(0, W - bw))
+        if grid:  # box = whole grid cells, symbol centred in it
+            bh, bw = -(-bh // grid) * grid, -(-bw // grid) * grid
+            y0 = int(rng.integers(0, (H - bh) // grid + 1)) * grid
+            x0 = int(rng.integers(0, (W - bw) // grid + 1)) * grid
+        else:
+            y0 = int(rng.integers(0, H - bh))
+            x0 = int(rng.integers(0, W - bw))
         page[y0:y0 + bh, x0:x0 + bw] = 0.0  # clear paper under the stamp, then a thin box
         page[y0, x0:x0 + bw] = page[y0 + bh - 1, x0:x0 + bw] = 0.9
         page[y0:y0 + bh, x0] = page[y0:y0 + bh, x0 + bw - 1] = 0.9
-        _paste(page, sym, y0 + 2, x0 + 2)
+        _paste(page, sym, y0 + (bh - sh) // 2, x0 + (bw - sw) // 2)
         boxes[i] = (y0, x0, y0 + bh, x0 + bw)
         images[i, 0] = 1.0 - np.clip(page, 0.0, 1.0)
     out = (torch.from_numpy(images), torch.from_numpy(labels.astype(np.int64)))

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from effdl.tokens.vit import Reduced, TokenContext
 
 __all__ = ["budget", "make", "REDUCERS", "keep_all", "random_drop", "pool", "evit", "tome", "lat", "tcc",
-           "crop_density", "tcc_budget", "iqr_outliers", "bipartite_merge"]
+           "crop_density", "tcc_budget", "iqr_outliers", "bipartite_merge", "topk_fuse"]
 
 
 def _check_keep(keep) -> float:
@@ -114,34 +114,39 @@ def pool(x: torch.Tensor, ctx: TokenContext, keep: float = 0.5) -> Reduced:
     return Reduced(torch.cat([x[:, :1], pooled], 1), torch.cat([ctx.size[:, :1], size], 1), where)
 
 
-def _cls_attention(ctx: TokenContext) -> torch.Tensor:
-    """[CLS]-to-patch attention averaged over heads: (B, n_patches)."""
-    return ctx.attn[:, :, 0, 1:].mean(1)
+def topk_fuse(x: torch.Tensor, a: torch.Tensor, k: int):
+    """Keep the ``k`` patch tokens with the largest score ``a``; fuse the others into one.
+
+    x: (B, n, D) patch tokens; a: (B, n) non-negative scores ([CLS] attention).  Returns
+    ``(kept (B, k, D) in their original order, fused (B, D) the a-weighted mean of the rest,
+    chosen (B, n) bool)``.
+    """
+    B, n, D = x.shape
+    chosen = torch.zeros(B, n, dtype=torch.bool, device=x.device)
+    chosen.scatter_(1, a.topk(k, dim=1).indices, True)
+    kept = x[chosen].view(B, k, D)  # boolean indexing keeps the original order
+    w = a * (~chosen)
+    fused = (w[..., None] * x).sum(1) / w.sum(1, keepdim=True).clamp_min(1e-12)
+    return kept, fused, chosen
 
 
 def evit(x: torch.Tensor, ctx: TokenContext, keep: float = 0.5) -> Reduced:
     """EViT: keep the top ``budget-1`` patches by [CLS] attention and fuse the rest into one token.
 
-    The fused token is the attention-weighted mean of the dropped tokens, so the total count
-    (kept + fused) equals ``budget(n, keep)``.
+    The fused token is the attention-weighted mean of the dropped tokens (:func:`topk_fuse`), so
+    the total count (kept + fused) equals ``budget(n, keep)``.
     """
     n, k = ctx.n_patches, budget(ctx.n_patches, keep)
     if k == n:
         return _identity(x, ctx)
-    B, N, D = x.shape
-    a = _cls_attention(ctx)
-    top = max(1, k - 1)
-    chosen = torch.zeros(B, n, dtype=torch.bool, device=x.device)
-    chosen.scatter_(1, a.topk(top, dim=1).indices, True)
+    a = ctx.cls_attention()
+    _, fused, chosen = topk_fuse(x[:, 1:], a, max(1, k - 1))
     kept = _select(x, ctx, chosen)
     if k == 1:  # no room for a fused token
         return kept
-    w = a * (~chosen)  # (B, n) attention of the dropped tokens
-    fused = (w[..., None] * x[:, 1:]).sum(1) / w.sum(1, keepdim=True).clamp_min(1e-12)  # (B, D)
     fused_size = (ctx.size[:, 1:] * (~chosen)).sum(1)
-    slot = kept.x.shape[1]
     where = kept.where.clone()
-    where[:, 1:][~chosen] = slot
+    where[:, 1:][~chosen] = kept.x.shape[1]
     return Reduced(torch.cat([kept.x, fused[:, None]], 1), torch.cat([kept.size, fused_size[:, None]], 1), where)
 
 
@@ -269,18 +274,21 @@ def iqr_outliers(values: torch.Tensor, k: float = 1.5) -> torch.Tensor:
 
 
 def tcc(x: torch.Tensor, ctx: TokenContext, keep: float = 0.5, *, sim_threshold: float = 0.9,
-        redundant_frac: float = 0.15, ref_density: float = 0.5, min_per_crop: int = 1,
-        iqr_k: float = 1.5, sample: bool = True) -> Reduced:
+        redundant_frac: float = 0.15, ref_density: float = 0.7, min_per_crop: int = 1,
+        iqr_k: float = 1.5, temperature: float = 0.25, sample: bool = True) -> Reduced:
     """Token-level Correlation-guided Compression (our implementation; the paper's code is unreleased).
 
     1. density of each crop from the similarity of its first-block patch keys (:func:`crop_density`);
     2. a per-crop budget from that density (:func:`tcc_budget`);
     3. local: within each crop draw that many patches without replacement, with probability ∝ the
-       [CLS] attention of the block before the reducer (``sample=False``: take the top ones);
+       [CLS] attention of the block before the reducer raised to ``1 / temperature`` (1 = the
+       paper's proportional sampling; smaller is sharper; ``sample=False`` takes the top ones);
     4. global: add every patch whose [CLS] attention is an IQR outlier over the whole page;
     5. discard the rest (no fusion).  Pages keep different counts: the batch is padded.
     """
     keep = _check_keep(keep)
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0 (use sample=False for top-k), got {temperature}")
     if keep == 1.0:
         return _identity(x, ctx)
     B, n, T = x.shape[0], ctx.n_patches, ctx.tokens_per_crop
@@ -288,8 +296,8 @@ def tcc(x: torch.Tensor, ctx: TokenContext, keep: float = 0.5, *, sim_threshold:
     pk = ctx.first_keys[:, :, 1:].transpose(1, 2).reshape(B, n, -1)  # all heads' keys per patch
     density = crop_density(pk, T, sim_threshold, redundant_frac)  # (B, C)
     per_crop = tcc_budget(density, T, keep, ref_density, min_per_crop)  # (B, C)
-    a = _cls_attention(ctx)  # (B, n)
-    scores = torch.log(a.clamp_min(1e-12)).reshape(B, C, T)
+    a = ctx.cls_attention()  # (B, n)
+    scores = torch.log(a.clamp_min(1e-12)).reshape(B, C, T) / temperature
     if sample:  # Gumbel top-k == sampling without replacement with p ∝ attention
         u = torch.rand(B, C, T, generator=ctx.generator).to(x.device).clamp(1e-9, 1 - 1e-9)
         scores = scores - torch.log(-torch.log(u))

@@ -22,15 +22,16 @@ import torch.nn.functional as F
 
 from effdl.tokens.documents import crop_pages
 
-__all__ = ["TinyViT", "Block", "TokenContext", "Reduced"]
+__all__ = ["TinyViT", "Block", "TokenContext", "Reduced", "block_flops"]
 
 
 @dataclass
 class TokenContext:
     """What a reducer may read, for a batch of B sequences of N tokens ([CLS] first).
 
-    attn: ``(B, heads, N, N)`` attention weights of the block just before the reducer.
-    keys: ``(B, heads, N, head_dim)`` keys of that block.
+    queries, keys: ``(B, heads, N, head_dim)`` of the block just before the reducer; the attention
+        weights are derived from them on demand: :meth:`cls_attention` (cheap, one row) and
+        :attr:`attn` (the full ``(B, heads, N, N)`` matrix, computed once if a reducer asks).
     first_keys: ``(B, heads, N0, head_dim)`` keys of the first block (a *low* layer), over the
         original N0 = 1 + n_patches tokens.
     size: ``(B, N)`` patches per token (0 marks padding).
@@ -39,7 +40,7 @@ class TokenContext:
     generator: randomness for sampling reducers (deterministic under a seed).
     """
 
-    attn: torch.Tensor
+    queries: torch.Tensor
     keys: torch.Tensor
     first_keys: torch.Tensor
     size: torch.Tensor
@@ -47,10 +48,27 @@ class TokenContext:
     n_crops: int
     tokens_per_crop: int
     generator: torch.Generator | None = None
+    _attn: torch.Tensor | None = None
 
     @property
     def n_patches(self) -> int:
         return self.size.shape[1] - 1
+
+    def _weights(self, q: torch.Tensor) -> torch.Tensor:
+        logits = (q @ self.keys.transpose(-2, -1)) / math.sqrt(self.keys.shape[-1])
+        return (logits + torch.log(self.size)[:, None, None, :]).softmax(-1)
+
+    @property
+    def attn(self) -> torch.Tensor:
+        """Full attention weights ``(B, heads, N, N)`` of the block before the reducer."""
+        if self._attn is None:
+            self._attn = self._weights(self.queries)
+        return self._attn
+
+    def cls_attention(self) -> torch.Tensor:
+        """[CLS]-to-patch attention, mean over heads: ``(B, n_patches)``; costs one row, not N×N."""
+        row = self._attn[:, :, :1] if self._attn is not None else self._weights(self.queries[:, :, :1])
+        return row[:, :, 0, 1:].mean(1)
 
 
 @dataclass
@@ -68,6 +86,19 @@ class Reduced:
     extra: dict = field(default_factory=dict)
 
 
+def block_flops(n_tokens: float, dim: int, mlp_ratio: float = 2.0) -> float:
+    """FLOPs of one :class:`Block` on one sequence of ``n_tokens`` (a multiply-add counts 2).
+
+    Linear layers grow with N: qkv ``2·N·d·3d``, output projection ``2·N·d·d``, MLP
+    ``2·2·N·d·(r·d)``; attention grows with N²: scores ``Q Kᵀ`` and ``P V`` are ``2·N²·d`` each.
+    (Norms, softmax and GELU are a few FLOPs per element: left out, as usual.)
+    """
+    n, d, h = n_tokens, dim, int(dim * mlp_ratio)  # n may be a mean count (a float)
+    linear = 2 * n * d * 3 * d + 2 * n * d * d + 2 * 2 * n * d * h
+    attention = 2 * 2 * n * n * d
+    return linear + attention
+
+
 class Block(nn.Module):
     """Pre-norm transformer block: x + attn(LN x), then x + MLP(LN x)."""
 
@@ -82,9 +113,14 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(dim)
         hidden = int(dim * mlp_ratio)
         self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+        self.mlp_ratio = mlp_ratio
 
     def forward(self, x, size=None, need_weights=False):
-        """x: (B, N, dim); size: (B, N) or None (all ones). Returns (x, attn or None, keys)."""
+        """x: (B, N, dim); size: (B, N) or None (all ones). Returns (x, attn or None, (q, k)).
+
+        The fused SDPA kernel never materialises the N×N weights; ``need_weights=True`` computes
+        them explicitly (slower) for inspection.
+        """
         B, N, D = x.shape
         qkv = self.qkv(self.norm1(x)).view(B, N, 3, self.heads, self.head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each (B, heads, N, head_dim)
@@ -97,12 +133,12 @@ class Block(nn.Module):
                 logits = logits + bias
             attn = logits.softmax(-1)
             out = attn @ v
-        else:  # fused kernel: never materialises the N×N weights
+        else:
             attn = None
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
         x = x + self.proj(out.transpose(1, 2).reshape(B, N, D))
         x = x + self.mlp(self.norm2(x))
-        return x, attn, k
+        return x, attn, (q, k)
 
 
 class TinyViT(nn.Module):
@@ -135,6 +171,20 @@ class TinyViT(nn.Module):
         self.head = nn.Linear(dim, n_classes)
         self.register_buffer("crop_id", torch.arange(self.n_crops).repeat_interleave(self.tokens_per_crop), persistent=False)
 
+    def flops(self, n_kept: float | None = None) -> float:
+        """FLOPs of one page when ``n_kept`` patch tokens go on after the reducer (default: all).
+
+        Counted analytically with :func:`block_flops` (PyTorch's FLOP counter does not see the
+        CPU attention kernel); the reducers' own work is small and left out.
+        """
+        n0 = 1 + self.n_patches
+        n1 = n0 if n_kept is None else 1 + n_kept
+        r = self.blocks[0].mlp_ratio
+        embed = 2 * self.n_patches * self.patch ** 2 * self.dim
+        before = self.reduce_at * block_flops(n0, self.dim, r)
+        after = (len(self.blocks) - self.reduce_at) * block_flops(n1, self.dim, r)
+        return float(embed + before + after + 2 * self.dim * self.head.out_features)
+
     def patchify(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 1, H, W) pages -> (B, n_patches, patch*patch) ink values, crop by crop."""
         if not isinstance(images, torch.Tensor) or images.ndim != 4 or tuple(images.shape[1:]) != (1, *self.image_size):
@@ -162,15 +212,17 @@ class TinyViT(nn.Module):
         size = None
         first_keys = None
         for i in range(self.reduce_at):
-            x, attn, k = self.blocks[i](x, need_weights=(reducer is not None or return_info) and i == self.reduce_at - 1)
+            x, _, (q, k) = self.blocks[i](x)
             if i == 0:
                 first_keys = k
         info = {"n_kept": torch.full((B,), self.n_patches), "assign": None, "attn": None}
+        ctx = TokenContext(queries=q, keys=k, first_keys=first_keys,
+                           size=torch.ones(B, x.shape[1], dtype=x.dtype, device=x.device),
+                           crop_id=self.crop_id, n_crops=self.n_crops,
+                           tokens_per_crop=self.tokens_per_crop, generator=generator)
+        if return_info:
+            info["attn"] = ctx.cls_attention()
         if reducer is not None:
-            ctx = TokenContext(attn=attn, keys=k, first_keys=first_keys,
-                               size=torch.ones(B, x.shape[1], dtype=x.dtype, device=x.device),
-                               crop_id=self.crop_id, n_crops=self.n_crops,
-                               tokens_per_crop=self.tokens_per_crop, generator=generator)
             red = reducer(x, ctx)
             x, size = red.x, red.size
             info["n_kept"] = (size > 0).sum(1) - 1
@@ -178,8 +230,6 @@ class TinyViT(nn.Module):
             info.update(red.extra)
             if bool((size == 1).all()):
                 size = None  # why: SDPA's fast path; log(1) = 0 adds nothing
-        if return_info and attn is not None:
-            info["attn"] = attn[:, :, 0, 1:].mean(1)
         rest = self.blocks[self.reduce_at:]
         if size is not None and buckets > 1 and B > 1:
             cls = self._bucketed(x, size, rest, buckets)

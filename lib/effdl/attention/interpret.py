@@ -1,0 +1,89 @@
+"""Run the Triton kernels on the CPU under ``TRITON_INTERPRET=1``, in a child process.
+
+Triton decides at import time whether kernels are compiled or interpreted, and this process may
+already have imported it (the device report does), so the interpreter runs in a fresh Python.
+:func:`run_interpreted` sends it a list of cases and gets back one row per case with the kernel's
+error against an fp64 reference next to the plain same-dtype implementation's error (the 2x rule).
+
+    python -m effdl.attention.interpret '[{"kind": "prefill", "N": 77, "d": 40}]'
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+
+def run_interpreted(cases: list[dict], timeout: float = 900) -> list[dict]:
+    """Evaluate ``cases`` with the Triton interpreter in a subprocess; see :func:`_run_case` for keys."""
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    proc = subprocess.run([sys.executable, "-m", "effdl.attention.interpret", json.dumps(cases)],
+                          env=env, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise RuntimeError(f"the Triton interpreter run failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _run_case(case: dict) -> dict:
+    """Keys: kind ("prefill" | "grad" | "decode"), N (queries), Nk (keys, default N), d,
+    dtype ("float32" | "float16"), causal, batch, heads, splits (decode)."""
+    import torch
+
+    from effdl.attention.decode import decode_attention
+    from effdl.attention.naive import naive_attention
+    from effdl.attention.triton_kernels import triton_attention
+
+    kind, N, d = case["kind"], case["N"], case["d"]
+    nk = case.get("Nk", N)
+    dt = getattr(torch, case.get("dtype", "float32"))
+    causal = case.get("causal", kind == "decode")
+    B, H = case.get("batch", 1), case.get("heads", 2)
+    g = torch.Generator().manual_seed(case.get("seed", 0))
+    q = torch.randn(B, H, N, d, generator=g).to(dt)
+    k = torch.randn(B, H, nk, d, generator=g).to(dt)
+    v = torch.randn(B, H, nk, d, generator=g).to(dt)
+    ref = naive_attention(q.double(), k.double(), v.double(), causal=causal)
+    pt = naive_attention(q, k, v, causal=causal)
+    eps = 2 * torch.finfo(dt).eps * max(1.0, ref.abs().max().item())
+    t0 = time.perf_counter()
+    row = {**case}
+    if kind == "prefill":
+        out = triton_attention(q, k, v, causal=causal)
+    elif kind == "decode":
+        out = decode_attention(q, k, v, num_splits=case.get("splits", 3), backend="triton", causal=causal)
+    elif kind == "grad":
+        qr, kr, vr = (t.clone().requires_grad_() for t in (q, k, v))
+        qd, kd, vd = (t.double().requires_grad_() for t in (q, k, v))
+        do = torch.randn(B, H, N, d, generator=g).to(dt)
+        g_ref = torch.autograd.grad(naive_attention(qd, kd, vd, causal=causal), (qd, kd, vd), do.double())
+        g_pt = torch.autograd.grad(naive_attention(qr, kr, vr, causal=causal), (qr, kr, vr), do)
+        g_tr = torch.autograd.grad(triton_attention(qr, kr, vr, causal=causal), (qr, kr, vr), do)
+        errs = [(a.double() - c).abs().max().item() for a, c in zip(g_tr, g_ref)]
+        errs_pt = [(b.double() - c).abs().max().item() for b, c in zip(g_pt, g_ref)]
+        epss = [2 * torch.finfo(dt).eps * max(1.0, c.abs().max().item()) for c in g_ref]
+        row.update(err=max(errs), err_pt=max(errs_pt),
+                   passed=all(e <= 3 * p + s for e, p, s in zip(errs, errs_pt, epss)), seconds=time.perf_counter() - t0)
+        return row
+    else:
+        raise ValueError(f"unknown case kind {kind!r}")
+    err = (out.double() - ref).abs().max().item()
+    err_pt = (pt.double() - ref).abs().max().item()
+    row.update(err=err, err_pt=err_pt, passed=err <= 2 * err_pt + eps, seconds=time.perf_counter() - t0)
+    return row
+
+
+def main(argv: list[str] | None = None) -> int:
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        print("set TRITON_INTERPRET=1 (run_interpreted does) before running this module", file=sys.stderr)
+        return 2
+    cases = json.loads((argv or sys.argv[1:])[0])
+    rows = [_run_case(c) for c in cases]
+    print(json.dumps(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,124 @@
+"""Figures of the attention chapter (kept here so the notebook cells stay small)."""
+
+from __future__ import annotations
+
+import matplotlib.pyplot as plt
+
+from effdl.attention import iosim
+
+
+def prefill_time_memory(rows, title: str = ""):
+    """Left: forward time against N; right: peak extra memory against N (one line per impl)."""
+    rows = [r for r in rows if r.get("name") == "prefill" and not r.get("causal") and "ms" in r]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
+    for impl in dict.fromkeys(r["impl"] for r in rows):
+        pts = sorted((r["N"], r["ms"], r.get("peak_mem_bytes", 0)) for r in rows if r["impl"] == impl)
+        a.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=impl)
+        b.plot([p[0] for p in pts], [max(p[2], 1) / 2**20 for p in pts], marker="o", label=impl)
+    a.set(xscale="log", yscale="log", xlabel="sequence length N", ylabel="forward time (ms)")
+    b.set(xscale="log", yscale="log", xlabel="sequence length N", ylabel="peak extra memory (MiB)")
+    for ax in (a, b):
+        ax.set_xscale("log", base=2)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def tile_sweep(tile_rows, mm_rows):
+    """Left: tiled forward time against tile size; right: matmul GFLOP/s and µs per call against tile side."""
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
+    xs = [r["tile_elems"] for r in tile_rows]
+    a.plot(xs, [r["ms"] for r in tile_rows], marker="o", label="tiled forward")
+    for r in tile_rows:
+        a.annotate(f'{r["block_q"]}x{r["block_k"]}', (r["tile_elems"], r["ms"]), fontsize=7,
+                   textcoords="offset points", xytext=(3, 3))
+    a.set(xscale="log", yscale="log", xlabel="tile size block_q x block_k (elements)", ylabel="forward time (ms)")
+    a.set_xscale("log", base=2)
+    sides = [r["side"] for r in mm_rows]
+    b.plot(sides, [r["matmul_gflops"] for r in mm_rows], marker="o", color="C1", label="S-tile matmul GFLOP/s")
+    b.set(xscale="log", xlabel="square tile side b (b x d @ d x b)", ylabel="GFLOP/s")
+    b.set_xscale("log", base=2)
+    b2 = b.twinx()
+    b2.plot(sides, [r["us_per_call"] for r in mm_rows], marker="s", color="C2", label="µs per matmul call")
+    b2.set(yscale="log", ylabel="µs per call")
+    for ax in (a, b):
+        ax.grid(alpha=0.3)
+    a.legend(fontsize=8)
+    b.legend(handles=b.get_lines() + b2.get_lines(), fontsize=8, loc="center right")
+    fig.tight_layout()
+    return fig
+
+
+def tile_plan(plan: dict, nq: int, nk: int, block_q: int, block_k: int, ax=None):
+    """Draw which tiles a causal pass visits: full (no mask), partial (masked), skipped."""
+    import numpy as np
+
+    ti, tj = -(-nq // block_q), -(-nk // block_k)
+    grid = np.zeros((ti, tj))
+    for (i, j), kind in plan.items():
+        grid[i, j] = 2 if kind == "full" else 1
+    if ax is None:
+        _, ax = plt.subplots(figsize=(3.6, 3.6))
+    ax.imshow(grid, cmap="Blues", vmin=0, vmax=2.4)
+    for (i, j), kind in plan.items():
+        ax.text(j, i, "F" if kind == "full" else "P", ha="center", va="center", fontsize=7)
+    ax.set(xlabel=f"key tile j ({block_k} keys)", ylabel=f"query tile i ({block_q} queries)",
+           title=f"causal tiles, Nq={nq}, Nk={nk}")
+    return ax
+
+
+def io_curves(N_list, d_list, M_list, N0: int, d0: int, M0: int):
+    """Element I/Os against N, M and d for every algorithm, with the lower bound (dashed)."""
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    sweeps = [("N", N_list, lambda x: (x, d0, M0)), ("M", M_list, lambda x: (N0, d0, x)),
+              ("d", d_list, lambda x: (N0, x, M0))]
+    for ax, (name, xs, args) in zip(axes, sweeps):
+        for alg in iosim.ALGORITHMS:
+            pts = []
+            for x in xs:
+                try:
+                    pts.append((x, iosim.io_count(alg, *args(x)).total))
+                except ValueError:                                        # tiles do not fit in this M
+                    pass
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=alg)
+        ax.plot(xs, [iosim.lower_bound(*args(x)) for x in xs], "k--", label="lower bound (no constant)")
+        ax.set(xscale="log", yscale="log", xlabel=name, ylabel="slow-memory element I/Os")
+        ax.set_xscale("log", base=2)
+        fixed = {"N": N0, "d": d0, "M": M0}
+        ax.set_title(", ".join(f"{k}={v}" for k, v in fixed.items() if k != name), fontsize=9)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def recorded(doc):
+    """The recorded GPU run: prefill TFLOP/s against N (fp16, d=128) and decode TB/s against L."""
+    from effdl.plot import recorded_label
+
+    rows = doc["results"]
+    fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
+    for ax, causal in zip(axes[:2], (False, True)):
+        sub = [r for r in rows if r.get("name") == "prefill" and r.get("d") == 128 and r.get("causal") == causal
+               and r.get("dtype") == "float16" and "tflops" in r]
+        for impl in dict.fromkeys(r["impl"] for r in sub):
+            pts = sorted((r["N"], r["tflops"]) for r in sub if r["impl"] == impl)
+            ax.plot(*zip(*pts), marker="o", label=impl)
+        ax.set(xscale="log", xlabel="N", ylabel="TFLOP/s", title=f"prefill fp16, d=128, causal={causal}")
+        ax.set_xscale("log", base=2)
+    dec = [r for r in rows if r.get("name") == "decode" and "tbps" in r]
+    for impl in dict.fromkeys(r["impl"] for r in dec):
+        pts = sorted((r["L"], r["tbps"]) for r in dec if r["impl"] == impl)
+        axes[2].plot(*zip(*pts), marker="o", label=impl)
+    axes[2].set(xscale="log", xlabel="KV cache length L", ylabel="TB/s (K and V read)", title="decode B=8, H=32, d=128")
+    axes[2].set_xscale("log", base=2)
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(recorded_label(doc["meta"]))
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,52 @@
+"""The Triton kernels under TRITON_INTERPRET=1 on the CPU (in a child process), at tiny sizes.
+
+The interpreter decides at import, so the cases run in a fresh Python; each returns the kernel's
+error vs an fp64 reference and the plain same-dtype implementation's (flash-attn's 2x rule, 3x
+for gradients).  bf16 is excluded: the interpreter's bf16 is broken.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("triton")
+
+from effdl.attention.interpret import run_interpreted  # noqa: E402
+
+pytestmark = pytest.mark.interpreter
+
+CASES = (
+    [dict(kind="prefill", N=N, d=d, dtype=dt, causal=c)
+     for N, d in [(1, 16), (77, 40), (130, 64)] for dt in ("float32", "float16") for c in (False, True)]
+    + [dict(kind="prefill", N=5, Nk=70, d=24, causal=True), dict(kind="prefill", N=70, Nk=5, d=24, causal=True),
+       dict(kind="prefill", N=33, d=96, dtype="float16", batch=2, heads=1)]
+    + [dict(kind="grad", N=33, d=24, dtype=dt, causal=True) for dt in ("float32", "float16")]
+    + [dict(kind="decode", N=nq, Nk=L, d=d, dtype=dt, splits=s)
+       for nq, L, d, dt, s in [(1, 1, 16, "float32", 1), (1, 300, 40, "float32", 4), (3, 130, 64, "float16", 3),
+                               (1, 513, 128, "float16", 7), (2, 77, 24, "float32", 100)]]
+)
+
+
+@pytest.fixture(scope="module")
+def results():
+    return run_interpreted(CASES)
+
+
+@pytest.mark.parametrize("i", range(len(CASES)))
+def test_interpreted_kernel_2x_rule(results, i):
+    row = results[i]
+    assert row["passed"], f"{row}: error {row['err']:.3g} vs plain {row['err_pt']:.3g}"
+
+
+def test_interpreter_rejects_bf16():
+    import json
+    import os
+    import subprocess
+    import sys
+
+    code = ("import torch, effdl.attention as a\n"
+            "q = torch.randn(1, 1, 4, 16, dtype=torch.bfloat16)\n"
+            "try:\n    a.triton_attention(q, q, q)\nexcept TypeError as e:\n    print(json.dumps(str(e)))\n")
+    out = subprocess.run([sys.executable, "-c", "import json\n" + code], env={**os.environ, "TRITON_INTERPRET": "1"},
+                         capture_output=True, text=True, timeout=300)
+    assert "bf16" in out.stdout, out.stderr[-2000:]
