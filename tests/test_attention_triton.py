@@ -21,6 +21,12 @@ CASES = (
     + [dict(kind="prefill", N=5, Nk=70, d=24, causal=True), dict(kind="prefill", N=70, Nk=5, d=24, causal=True),
        dict(kind="prefill", N=33, d=96, dtype="float16", batch=2, heads=1)]
     + [dict(kind="grad", N=33, d=24, dtype=dt, causal=True) for dt in ("float32", "float16")]
+    # the autotuner's tile shapes on the GPU, with irregular N and d, causal and rectangular
+    + [dict(kind="prefill", N=N, Nk=nk, d=d, dtype="float16", causal=c, blocks=b)
+       for b in [(64, 64), (128, 64), (128, 128), (64, 32)]
+       for N, nk, d, c in [(130, 130, 40, True), (200, 77, 64, True), (77, 300, 24, True), (129, 129, 16, False)]]
+    + [dict(kind="decode", N=nq, Nk=L, d=80, dtype="float16", splits=s, block_n=bn)
+       for nq, L, s, bn in [(1, 1000, 3, 64), (2, 4099, 5, 128), (1, 700, 2, 256)]]
     + [dict(kind="decode", N=nq, Nk=L, d=d, dtype=dt, splits=s)
        for nq, L, d, dt, s in [(1, 1, 16, "float32", 1), (1, 300, 40, "float32", 4), (3, 130, 64, "float16", 3),
                                (1, 513, 128, "float16", 7), (2, 77, 24, "float32", 100)]]

@@ -10,8 +10,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import os
+import sys
 import platform
 import statistics
 import time
@@ -114,26 +116,54 @@ def benchmark(
     return BenchResult(times_ms=times, device=str(dev), warmup=warmup, label=label)
 
 
-def _cpu_peak_bytes(fn: Callable[[], Any]) -> int:
-    """Peak of live CPU tensor bytes allocated *during* ``fn``, from the profiler's memory accounting.
+@contextlib.contextmanager
+def _quiet_stderr_fd():
+    """Silence file descriptor 2 for a moment: the profiler's C++ side prints 'profiler_start/stop'."""
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError, AttributeError):  # no real fd 2 (some notebook front ends)
+        yield
+        return
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
-    Each profiled op reports the bytes it allocated minus freed itself (``self_cpu_memory_usage``);
-    frees outside any op appear as ``[memory]`` events.  Replaying these deltas in time order gives the
-    live-bytes curve; its maximum is the peak (resolution: one op).
+
+def _cpu_peak_bytes(fn: Callable[[], Any]) -> int:
+    """Peak of live CPU tensor bytes allocated *during* ``fn``, from the profiler's allocation records.
+
+    Every allocation and free is recorded with its own time stamp; replaying them in time order gives
+    the live-bytes curve, and its maximum is the peak.  Temporaries allocated and freed *inside* one op
+    (autograd's backward nodes do this) count too.  Fallback for a torch without the raw event tree:
+    each op's net bytes (a resolution of one op).
     """
     import warnings
 
     from torch.profiler import ProfilerActivity, profile
 
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), _quiet_stderr_fd():
         warnings.simplefilter("ignore")
         with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
             fn()
-    deltas = sorted(
-        (e.time_range.start, e.self_cpu_memory_usage)
-        for e in prof.events()
-        if e.self_cpu_memory_usage != 0
-    )
+    try:
+        from torch._C._profiler import _EventType
+
+        deltas: list[tuple[int, int]] = []
+        stack = list(prof.profiler.kineto_results.experimental_event_tree())
+        while stack:
+            node = stack.pop()
+            if node.tag == _EventType.Allocation and str(node.extra_fields.device).startswith("cpu"):
+                deltas.append((node.start_time_ns, int(node.extra_fields.alloc_size)))
+            stack.extend(node.children)
+    except (ImportError, AttributeError):
+        deltas = [(int(e.time_range.start * 1e3), int(e.self_cpu_memory_usage))
+                  for e in prof.events() if e.self_cpu_memory_usage]
+    deltas.sort(key=lambda t: t[0])
     live = peak = 0
     for _, delta in deltas:
         live += delta
@@ -145,7 +175,7 @@ def peak_memory(fn: Callable[[], Any], device: str | torch.device | None = None)
     """Peak bytes allocated by ``fn()`` above what was live before it ran.
 
     CUDA: ``torch.cuda.max_memory_allocated`` after a reset.  CPU: the PyTorch profiler's
-    allocation events (tensors only; Python objects are not counted).
+    allocation records replayed in time order (tensors only; Python objects are not counted).
     """
     if not callable(fn):
         raise TypeError(f"peak_memory expects a callable taking no arguments, got {type(fn).__name__}")

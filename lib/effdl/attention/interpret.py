@@ -29,7 +29,8 @@ def run_interpreted(cases: list[dict], timeout: float = 900) -> list[dict]:
 
 def _run_case(case: dict) -> dict:
     """Keys: kind ("prefill" | "grad" | "decode"), N (queries), Nk (keys, default N), d,
-    dtype ("float32" | "float16"), causal, batch, heads, splits (decode)."""
+    dtype ("float32" | "float16"), causal, batch, heads, splits (decode), blocks (prefill tile shape),
+    block_n (decode tile)."""
     import torch
 
     from effdl.attention.decode import decode_attention
@@ -50,8 +51,16 @@ def _run_case(case: dict) -> dict:
     eps = 2 * torch.finfo(dt).eps * max(1.0, ref.abs().max().item())
     t0 = time.perf_counter()
     row = {**case}
-    if kind == "prefill":
+    if kind == "prefill" and "blocks" in case:
+        from effdl.attention.triton_kernels import attention_forward
+
+        out, _ = attention_forward(q, k, v, causal=causal, blocks=tuple(case["blocks"]))
+    elif kind == "prefill":
         out = triton_attention(q, k, v, causal=causal)
+    elif kind == "decode" and "block_n" in case:
+        from effdl.attention.triton_kernels import triton_decode
+
+        out = triton_decode(q, k, v, case.get("splits", 3), causal=causal, block_n=case["block_n"])
     elif kind == "decode":
         out = decode_attention(q, k, v, num_splits=case.get("splits", 3), backend="triton", causal=causal)
     elif kind == "grad":

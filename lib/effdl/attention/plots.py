@@ -38,16 +38,12 @@ def tile_sweep(tile_rows, mm_rows):
     a.set(xscale="log", yscale="log", xlabel="tile size block_q x block_k (elements)", ylabel="forward time (ms)")
     a.set_xscale("log", base=2)
     sides = [r["side"] for r in mm_rows]
-    b.plot(sides, [r["matmul_gflops"] for r in mm_rows], marker="o", color="C1", label="S-tile matmul GFLOP/s")
-    b.set(xscale="log", xlabel="square tile side b (b x d @ d x b)", ylabel="GFLOP/s")
+    b.plot(sides, [r["matmul_gflops"] for r in mm_rows], marker="o", color="C1", label="S-tile matmul (b x d @ d x b)")
+    b.set(xscale="log", xlabel="square tile side b", ylabel="GFLOP/s", title="same total work, split into tiles")
     b.set_xscale("log", base=2)
-    b2 = b.twinx()
-    b2.plot(sides, [r["us_per_call"] for r in mm_rows], marker="s", color="C2", label="µs per matmul call")
-    b2.set(yscale="log", ylabel="µs per call")
     for ax in (a, b):
         ax.grid(alpha=0.3)
-    a.legend(fontsize=8)
-    b.legend(handles=b.get_lines() + b2.get_lines(), fontsize=8, loc="center right")
+        ax.legend(fontsize=8)
     fig.tight_layout()
     return fig
 
@@ -71,7 +67,7 @@ def tile_plan(plan: dict, nq: int, nk: int, block_q: int, block_k: int, ax=None)
 
 
 def io_curves(N_list, d_list, M_list, N0: int, d0: int, M0: int):
-    """Element I/Os against N, M and d for every algorithm, with the lower bound (dashed)."""
+    """Element I/Os against N, M and d for every algorithm (dots: its Θ law), with the lower bound (dashed)."""
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
     sweeps = [("N", N_list, lambda x: (x, d0, M0)), ("M", M_list, lambda x: (N0, d0, x)),
               ("d", d_list, lambda x: (N0, x, M0))]
@@ -84,7 +80,12 @@ def io_curves(N_list, d_list, M_list, N0: int, d0: int, M0: int):
                 except ValueError:                                        # tiles do not fit in this M
                     pass
             if pts:
-                ax.plot(*zip(*pts), marker="o", label=alg)
+                line, = ax.plot(*zip(*pts), marker="o", label=alg)
+                # the Θ(·) law, scaled to meet the count at the largest x: compare slopes
+                x1, c1 = pts[-1]
+                k = c1 / iosim.asymptotic(alg, *args(x1))
+                ax.plot([x for x, _ in pts], [k * iosim.asymptotic(alg, *args(x)) for x, _ in pts], ":",
+                        color=line.get_color())
         ax.plot(xs, [iosim.lower_bound(*args(x)) for x in xs], "k--", label="lower bound (no constant)")
         ax.set(xscale="log", yscale="log", xlabel=name, ylabel="slow-memory element I/Os")
         ax.set_xscale("log", base=2)

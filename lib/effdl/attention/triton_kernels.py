@@ -190,10 +190,12 @@ def _to4d(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1, t.shape[-3], t.shape[-2], t.shape[-1])
 
 
-def attention_forward(q, k, v, causal: bool = False, scale: float | None = None, tuned: bool = True):
+def attention_forward(q, k, v, causal: bool = False, scale: float | None = None, tuned: bool = True,
+                      blocks: tuple[int, int] | None = None):
     """Run the prefill kernel: returns ``(out, lse)``, out like q (with v's head dim), lse fp32.
 
     ``tuned=False`` skips autotuning (one fixed 64 x 64 configuration): quick to compile, for tests.
+    ``blocks=(BLOCK_M, BLOCK_N)`` forces a tile shape (tests run the autotuner's shapes in the interpreter).
     """
     scale = check_qkv(q, k, v, scale)
     check_triton_device(q)
@@ -213,9 +215,10 @@ def attention_forward(q, k, v, causal: bool = False, scale: float | None = None,
     ieee = q.dtype == torch.float32
     args = (q4, k4, v4, out, lse, scale * LOG2E,
             *q4.stride(), *k4.stride(), *v4.stride(), *out.stride(), H, nq, nk)
-    if interpreting():
-        grid = (triton.cdiv(nq, 32), B * H)
-        _attn_fwd[grid](*args, HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=32, BLOCK_N=32, CAUSAL=causal, IEEE=ieee)
+    if blocks is not None or interpreting():
+        bm, bn = blocks or (32, 32)
+        grid = (triton.cdiv(nq, bm), B * H)
+        _attn_fwd[grid](*args, HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=bm, BLOCK_N=bn, CAUSAL=causal, IEEE=ieee)
     elif not tuned:
         grid = (triton.cdiv(nq, 64), B * H)
         _attn_fwd[grid](*args, HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=64, BLOCK_N=64, CAUSAL=causal, IEEE=ieee,
@@ -336,7 +339,7 @@ _decode_partial_tuned = triton.autotune(
 
 
 def triton_decode(q, k, v, num_splits: int, causal: bool = True, scale: float | None = None,
-                  tuned: bool = True) -> torch.Tensor:
+                  tuned: bool = True, block_n: int | None = None) -> torch.Tensor:
     """Split-KV decode with the Triton kernels: partials per (row, split), then the logsumexp merge."""
     scale = check_qkv(q, k, v, scale)
     check_triton_device(q)
@@ -358,8 +361,8 @@ def triton_decode(q, k, v, num_splits: int, causal: bool = True, scale: float | 
     lp = torch.empty((rows, num_splits), dtype=torch.float32, device=q.device)
     args = (q4, k4, v4, op, lp, scale * LOG2E, *q4.stride(), *k4.stride(), *v4.stride(),
             H, nq, L, chunk, num_splits)
-    if interpreting():
-        _decode_partial[(rows, num_splits)](*args, HEAD_DIM=d, BLOCK_D=block_d, BLOCK_N=32, CAUSAL=causal)
+    if block_n is not None or interpreting():
+        _decode_partial[(rows, num_splits)](*args, HEAD_DIM=d, BLOCK_D=block_d, BLOCK_N=block_n or 32, CAUSAL=causal)
     elif not tuned:
         _decode_partial[(rows, num_splits)](*args, HEAD_DIM=d, BLOCK_D=block_d, BLOCK_N=64, CAUSAL=causal,
                                             num_warps=4, num_stages=2)

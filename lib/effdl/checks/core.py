@@ -74,7 +74,8 @@ def assert_close(got: Any, expected: Any, *, what: str, rtol: float = 1e-4, atol
     if got is None:
         raise AssertionError(f"{what}: your function returned None (did you forget `return`?)")
     try:
-        got_t = torch.as_tensor(got)
+        # why float64 for Python numbers: torch.as_tensor(0.1) would round it to float32
+        got_t = got if isinstance(got, torch.Tensor) else torch.as_tensor(got, dtype=torch.float64)
     except Exception as exc:
         raise AssertionError(f"{what}: expected a tensor or number, got {type(got).__name__}") from exc
     if got_t.shape != expected.shape:

@@ -1,9 +1,8 @@
 """Memory: peak bytes, parameters vs activations, and why naive attention runs out of memory.
 
-:func:`peak_bytes` is :func:`effdl.measure.peak_memory` on CUDA.  On the CPU it replays the
-profiler's raw allocation records (each allocation and free with its own time stamp), so a temporary
-allocated and freed *inside* one op (autograd's backward nodes do this) still counts;
-:func:`effdl.measure.peak_memory` replays each op's net bytes, a resolution of one op.
+:func:`peak_bytes` is :func:`effdl.measure.peak_memory`: on the CPU it replays the profiler's raw
+allocation records (each allocation and free with its own time stamp), so a temporary allocated and
+freed *inside* one op (autograd's backward nodes do this) still counts.
 """
 
 from __future__ import annotations
@@ -24,64 +23,15 @@ __all__ = [
 ]
 
 
-@contextlib.contextmanager
-def _quiet_stderr_fd():
-    """Silence file descriptor 2 (the profiler's C++ 'profiler_start/stop' lines) for a moment."""
-    try:
-        sys.stderr.flush()
-        saved = os.dup(2)
-    except (OSError, ValueError, AttributeError):  # no real fd 2 (some notebook front ends)
-        yield
-        return
-    try:
-        with open(os.devnull, "w") as devnull:
-            os.dup2(devnull.fileno(), 2)
-            yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-
-
-def _cpu_peak_from_allocations(fn: Callable[[], Any]) -> int:
-    import warnings
-
-    from torch.profiler import ProfilerActivity, profile
-
-    with warnings.catch_warnings(), _quiet_stderr_fd():
-        warnings.simplefilter("ignore")
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-            fn()
-    try:
-        from torch._C._profiler import _EventType
-
-        deltas: list[tuple[int, int]] = []
-        stack = list(prof.profiler.kineto_results.experimental_event_tree())
-        while stack:
-            node = stack.pop()
-            if node.tag == _EventType.Allocation:
-                f = node.extra_fields
-                if str(f.device).startswith("cpu"):
-                    deltas.append((node.start_time_ns, int(f.alloc_size)))
-            stack.extend(node.children)
-    except (ImportError, AttributeError):  # older/newer torch without the raw tree: op-level fallback
-        deltas = [(int(e.time_range.start * 1e3), int(e.self_cpu_memory_usage))
-                  for e in prof.events() if e.self_cpu_memory_usage]
-    deltas.sort(key=lambda t: t[0])
-    live = peak = 0
-    for _, d in deltas:
-        live += d
-        peak = max(peak, live)
-    return int(peak)
-
-
 def peak_bytes(fn: Callable[[], Any], device=None) -> int:
-    """Peak bytes of tensors allocated while ``fn()`` runs, above what was live before."""
+    """Peak bytes of tensors allocated while ``fn()`` runs, above what was live before.
+
+    The chapter's name for :func:`effdl.measure.peak_memory` (CUDA: the allocator's statistics; CPU:
+    the profiler's allocation records replayed in time order).
+    """
     if not callable(fn):
         raise TypeError(f"peak_bytes expects a callable taking no arguments, got {type(fn).__name__}")
-    dev = resolve_device(device)
-    if dev.type == "cuda":
-        return peak_memory(fn, device=dev)
-    return _cpu_peak_from_allocations(fn)
+    return peak_memory(fn, device=resolve_device(device))
 
 
 def parameter_bytes(model: torch.nn.Module) -> int:

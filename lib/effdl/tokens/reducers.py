@@ -69,11 +69,10 @@ def _select(x: torch.Tensor, ctx: TokenContext, chosen: torch.Tensor) -> Reduced
     valid = torch.arange(n_out, device=x.device)[None] < counts[:, None]
     new_x = torch.gather(x, 1, order[..., None].expand(-1, -1, D)) * valid[..., None]
     new_size = torch.gather(ctx.size, 1, order) * valid
-    where = torch.full((B, N), -1, dtype=torch.long, device=x.device)
+    where = torch.full((B, N + 1), -1, dtype=torch.long, device=x.device)  # column N: a dump for padding
     slots = torch.arange(n_out, device=x.device).expand(B, -1)
-    where.scatter_(1, torch.where(valid, order, N - 1 + 0 * order), torch.where(valid, slots, -1))
-    where[~keep_mask] = -1  # why: the scatter above parks padding on the last token; undo that
-    return Reduced(new_x, new_size, where)
+    where.scatter_(1, torch.where(valid, order, N), torch.where(valid, slots, -1))
+    return Reduced(new_x, new_size, where[:, :N])
 
 
 def keep_all(x: torch.Tensor, ctx: TokenContext, keep: float = 1.0) -> Reduced:

@@ -1,0 +1,113 @@
+"""Exercise checks of the chapter "Dataset distillation with characteristic functions"."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from effdl.checks.core import assert_close, exercise_check, require
+
+__all__ = ["check_empirical_cf", "check_amplitude_phase", "check_mean_embedding_mmd", "check_herding",
+           "check_minmax_step"]
+
+# irregular shapes: (n_real, n_syn, dim, n_freq)
+_SHAPES = [(7, 1, 5, 3), (64, 10, 33, 17), (13, 4, 1, 129), (100, 3, 128, 64)]
+
+
+def _feats(n, d, seed, shift=0.0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, d, generator=g, dtype=torch.float64) + shift
+
+
+@exercise_check
+def check_empirical_cf(empirical_cf) -> None:
+    """``empirical_cf(f, t) -> (real, imag)``, each (m,): the mean of exp(i⟨t, f_j⟩) over rows j."""
+    from effdl.distill.cf import empirical_cf as ref
+
+    for i, (n, _, d, m) in enumerate(_SHAPES):
+        f, t = _feats(n, d, i), _feats(m, d, 100 + i) * 0.3
+        out = empirical_cf(f, t)
+        require(isinstance(out, (tuple, list)) and len(out) == 2,
+                f"return a pair (real part, imaginary part), got {type(out).__name__}")
+        re, im = ref(f, t)
+        assert_close(out[0], re, what=f"real part, f {tuple(f.shape)}, t {tuple(t.shape)}", rtol=1e-6, atol=1e-8)
+        assert_close(out[1], im, what=f"imaginary part, f {tuple(f.shape)}, t {tuple(t.shape)}", rtol=1e-6, atol=1e-8)
+
+
+@exercise_check
+def check_amplitude_phase(amplitude_phase) -> None:
+    """``amplitude_phase(f_real, f_syn, t) -> (amplitude, phase)``, each (m,); they sum to |Φ_r − Φ_s|²."""
+    from effdl.distill.cf import cf_terms
+
+    for i, (n, k, d, m) in enumerate(_SHAPES):
+        fr, fs, t = _feats(n, d, i), _feats(k, d, 50 + i, shift=0.5), _feats(m, d, 100 + i) * 0.3
+        out = amplitude_phase(fr, fs, t)
+        require(isinstance(out, (tuple, list)) and len(out) == 2, "return a pair (amplitude, phase)")
+        amp, ph = cf_terms(fr, fs, t)
+        what = f"f_real {tuple(fr.shape)}, f_syn {tuple(fs.shape)}, t {tuple(t.shape)}"
+        assert_close(out[0], amp, what=f"amplitude term, {what}", rtol=1e-5, atol=1e-7)
+        assert_close(out[1], ph, what=f"phase term, {what} (did you forget the factor 2|Φ_r||Φ_s|?)",
+                     rtol=1e-5, atol=1e-7)
+
+
+@exercise_check
+def check_mean_embedding_mmd(mean_embedding_mmd) -> None:
+    """``mean_embedding_mmd(f_real, f_syn) -> scalar``: ‖mean f_real − mean f_syn‖²."""
+    from effdl.distill.dm import mean_embedding_mmd as ref
+
+    for i, (n, k, d, _) in enumerate(_SHAPES):
+        fr, fs = _feats(n, d, i), _feats(k, d, 50 + i, shift=0.3)
+        got = mean_embedding_mmd(fr, fs)
+        assert_close(torch.as_tensor(got).reshape(()), ref(fr, fs),
+                     what=f"MMD² of f_real {tuple(fr.shape)} and f_syn {tuple(fs.shape)} (a scalar)", rtol=1e-6)
+    f = _feats(9, 4, 7)
+    assert_close(torch.as_tensor(mean_embedding_mmd(f, f)).reshape(()), torch.tensor(0.0, dtype=torch.float64),
+                 what="MMD² of a set with itself", atol=1e-10)
+
+
+@exercise_check
+def check_herding(herding_indices) -> None:
+    """``herding_indices(features, k) -> (k,) long``: greedy picks whose running mean tracks the mean."""
+    from effdl.distill.baselines import herding_indices as ref
+
+    for i, (n, d, k) in enumerate([(10, 3, 1), (37, 5, 4), (120, 16, 10), (6, 2, 6)]):
+        f = _feats(n, d, i)
+        got = torch.as_tensor(herding_indices(f, k))
+        expected = ref(f, k)
+        require(got.shape == expected.shape, f"n={n}, k={k}: expected {k} indices, got shape {tuple(got.shape)}")
+        require(torch.equal(got.long(), expected),
+                f"n={n}, d={d}, k={k}: picked {got.tolist()}, expected {expected.tolist()} "
+                "(at step j choose the row that brings the mean of the j+1 picked rows closest to the "
+                "mean of all rows; never pick a row twice)")
+
+
+@exercise_check
+def check_minmax_step(minmax_step) -> None:
+    """``minmax_step(sampler, optimizer, f_real, f_syn) -> (before, after)``: one correct ascent step."""
+    from effdl.distill.ncfm import FrequencySampler, grad_norm, sampler_ascent_step
+
+    for i, (n, k, d, m) in enumerate(_SHAPES[:3]):
+        fr = _feats(n, d, i).float()
+        fs = _feats(k, d, 50 + i, shift=0.5).float().requires_grad_(True)
+        torch.manual_seed(i)
+        sampler = FrequencySampler(d, m, sigma=1.0 / d ** 0.5)
+        ref_sampler = copy.deepcopy(sampler)
+        opt = torch.optim.SGD(sampler.parameters(), lr=0.05)
+        ref_opt = torch.optim.SGD(ref_sampler.parameters(), lr=0.05)
+        torch.manual_seed(1000 + i)
+        out = minmax_step(sampler, opt, fr, fs)
+        torch.manual_seed(1000 + i)
+        ref_before, ref_after = sampler_ascent_step(ref_sampler, ref_opt, fr, fs)
+        require(isinstance(out, (tuple, list)) and len(out) == 2, "return (before, after) as two floats")
+        require(grad_norm(sampler) > 0, "the sampler's gradient is zero: did backward(loss) and "
+                "backward(-loss) cancel? (the official code's bug)")
+        require(fs.grad is None or float(fs.grad.abs().sum()) == 0.0,
+                "the sampler step wrote a gradient into the synthetic features: detach them first")
+        for (name, p), q in zip(sampler.named_parameters(), ref_sampler.parameters()):
+            assert_close(p.detach(), q.detach(), what=f"sampler parameter {name} after your step "
+                         "(ascent = minimize −discrepancy; use sampler(noise) with noise = sampler.draw_noise())",
+                         rtol=1e-4, atol=1e-6)
+        assert_close(float(out[0]), ref_before, what="'before' discrepancy", rtol=1e-4, atol=1e-6)
+        assert_close(float(out[1]), ref_after, what="'after' discrepancy (same noise as before)", rtol=1e-4, atol=1e-6)
+        require(float(out[1]) > float(out[0]), f"the step did not increase the discrepancy: {out}")
