@@ -14,6 +14,8 @@ Accumulation is in fp32 for fp16/bf16 inputs, as a GPU kernel does in registers.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from effdl.attention._validate import causal_mask, check_block, check_qkv
@@ -72,12 +74,14 @@ def flash1_forward(q, k, v, causal: bool = False, scale: float | None = None, bl
     return O.to(q.dtype), lse
 
 
-def flash2_forward(q, k, v, causal: bool = False, scale: float | None = None, block_q=None, block_k=None):
+def flash2_forward(q, k, v, causal: bool = False, scale: float | None = None, block_q=None, block_k=None,
+                   parallel: bool | None = None):
     """FlashAttention-2 order. Returns ``(out (..., Nq, dv), lse (..., Nq))``.
 
     For each Q tile: stream the K/V tiles it can see, keep (m, ℓ, acc) for the tile's rows, divide
     by ℓ once at the end.  Causal: K/V tiles right of the diagonal are never touched, and only
-    tiles crossing the diagonal build a mask.
+    tiles crossing the diagonal build a mask.  Q tiles are independent, so on a CPU they run on
+    separate cores (``parallel``, default on for CPU tensors), each with single-threaded operations.
     """
     scale = check_qkv(q, k, v, scale)
     bq = check_block("block_q", block_q, DEFAULT_BLOCK_Q)
@@ -88,14 +92,22 @@ def flash2_forward(q, k, v, causal: bool = False, scale: float | None = None, bl
     out = torch.empty((*q.shape[:-1], dv), dtype=q.dtype, device=q.device)
     lse = torch.empty(q.shape[:-1], dtype=acc_t, device=q.device)
     kT = k.transpose(-2, -1)                                              # a view: BLAS reads it transposed
-    for i0 in range(0, nq, bq):
+    starts = list(range(0, nq, bq))
+    workers = tile_workers(q.device.type == "cpu" if parallel is None else parallel, len(starts))
+    lead = q.shape[:-2]
+    # each worker's "fast memory": one score tile, allocated once and reused for every step
+    scratch = [torch.empty(math.prod(lead) * min(bq, nq) * min(bk, max(nk, 1)), dtype=acc_t, device=q.device)
+               for _ in range(workers)]
+
+    def query_tile(i0: int, worker: int) -> None:
         i1 = min(i0 + bq, nq)
         qi = q[..., i0:i1, :].to(acc_t) * scale                           # scale q once, not every S tile
         m = l = o = None                                                  # the state; empty before tile 0
         k_end = min(nk, i1 + off) if causal else nk                      # causal: later keys all masked
         for j0 in range(0, max(k_end, 0), bk):
             j1 = min(j0 + bk, k_end)
-            s = qi @ kT[..., j0:j1].to(acc_t)                             # (..., bq, bk)
+            s = _tile(scratch[worker], (*lead, i1 - i0, j1 - j0))
+            torch.matmul(qi, kT[..., j0:j1].to(acc_t), out=s)             # (..., bq, bk)
             masked = causal and j1 - 1 > i0 + off                         # tile crosses the diagonal
             if masked:
                 s.masked_fill_(~causal_mask(i1 - i0, j1 - j0, q0=i0 + off, k0=j0, device=q.device), float("-inf"))
@@ -113,20 +125,64 @@ def flash2_forward(q, k, v, causal: bool = False, scale: float | None = None, bl
         if m is None:                                                     # no visible key at all
             out[..., i0:i1, :] = 0
             lse[..., i0:i1] = float("-inf")
-            continue
+            return
         empty = l == 0                                                    # rows that saw no key
         out[..., i0:i1, :] = (o / torch.where(empty, torch.ones_like(l), l)[..., None]).to(q.dtype)
         lse[..., i0:i1] = torch.where(empty, torch.full_like(m, float("-inf")), m + torch.log(l))
+
+    with torch.no_grad():                                                 # out= buffers: no autograd here
+        run_tiles(query_tile, starts, workers)
     return out, lse
 
 
+def _tile(buf: torch.Tensor, shape) -> torch.Tensor:
+    """A contiguous view of the first elements of a scratch buffer, shaped like the current tile."""
+    return buf[:math.prod(shape)].view(shape)
+
+
+def tile_workers(parallel: bool, n_tiles: int) -> int:
+    """How many tiles run at once: one per CPU thread when ``parallel``, else one."""
+    return max(1, min(torch.get_num_threads(), n_tiles)) if parallel else 1
+
+
+def run_tiles(fn, starts, workers: int) -> None:
+    """Call ``fn(start, worker)`` for every tile: in order, or on a CPU one tile per core at a time.
+
+    Why: every PyTorch CPU operation splits itself across all cores and ends when the slowest core
+    is done.  With small operations, or another program holding a core, each one waits; tiles that
+    are independent run better side by side, each single-threaded — the way a GPU runs one query
+    tile per SM.  Worker w takes tiles w, w + W, w + 2W, ...: a fixed assignment, so results that
+    a worker accumulates (dQ in the backward pass) are summed in the same order on every run.
+    """
+    if workers <= 1:
+        for s0 in starts:
+            fn(s0, 0)
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    threads = torch.get_num_threads()
+
+    def worker(w):
+        torch.set_num_threads(1)                                          # this worker: one core
+        for s0 in starts[w::workers]:
+            fn(s0, w)
+
+    try:
+        with ThreadPoolExecutor(workers, thread_name_prefix="effdl-tile") as pool:
+            list(pool.map(worker, range(workers)))                       # re-raises a worker's error
+    finally:
+        torch.set_num_threads(threads)
+
+
 def flash2_backward(q, k, v, out, lse, dout, causal: bool = False, scale: float | None = None,
-                    block_q=None, block_k=None):
+                    block_q=None, block_k=None, parallel: bool | None = None):
     """Gradients (dq, dk, dv) from (q, k, v, out, lse, dout), recomputing P tile by tile.
 
     D = rowsum(dO ∘ O); for each K/V tile j (outer) and Q tile i (inner):
     P = exp(S − L), dV_j += Pᵀ dO_i, dP = dO_i V_jᵀ, dS = P ∘ (dP − D_i),
     dQ_i += dS K_j · scale, dK_j += dSᵀ Q_i · scale.
+    K/V tiles are independent except for dQ, which each worker accumulates in its own buffer
+    (a GPU kernel uses atomic adds instead).
     """
     scale = check_qkv(q, k, v, scale)
     bq = check_block("block_q", block_q, DEFAULT_BLOCK_Q)
@@ -137,28 +193,43 @@ def flash2_backward(q, k, v, out, lse, dout, causal: bool = False, scale: float 
     qa, ka, va, do = q.to(acc), k.to(acc), v.to(acc), dout.to(acc)
     D = (do * out.to(acc)).sum(dim=-1)                                    # (..., Nq)
     lse_safe = torch.where(torch.isneginf(lse), torch.full_like(lse, float("inf")), lse).to(acc)
-    dq = torch.zeros_like(qa)
     dk = torch.empty_like(ka)
     dv = torch.empty_like(va)
-    for j0 in range(0, nk, bk):
+    starts = list(range(0, nk, bk))
+    workers = tile_workers(q.device.type == "cpu" if parallel is None else parallel, len(starts))
+    lead = q.shape[:-2]
+    numel = math.prod(lead) * min(bq, max(nq, 1)) * min(bk, max(nk, 1))
+    dq_parts = [torch.zeros_like(qa) for _ in range(workers)]             # each worker's dQ
+    scratch = [(torch.empty(numel, dtype=acc, device=q.device), torch.empty(numel, dtype=acc, device=q.device))
+               for _ in range(workers)]                                   # P and dP tiles, reused
+
+    def key_tile(j0: int, worker: int) -> None:
         j1 = min(j0 + bk, nk)
         kj, vj = ka[..., j0:j1, :], va[..., j0:j1, :]
+        dq, (p_buf, dp_buf) = dq_parts[worker], scratch[worker]
         dkj = torch.zeros_like(kj)
         dvj = torch.zeros_like(vj)
         first_row = max(0, j0 - off) if causal else 0
         for i0 in range(first_row // bq * bq, nq, bq):
             i1 = min(i0 + bq, nq)
             qi, doi = qa[..., i0:i1, :], do[..., i0:i1, :]
-            s = (qi @ kj.transpose(-2, -1)) * scale
+            shape = (*lead, i1 - i0, j1 - j0)
+            s = torch.matmul(qi, kj.transpose(-2, -1), out=_tile(p_buf, shape)).mul_(scale)
             if causal and j1 - 1 > i0 + off:
                 s.masked_fill_(~causal_mask(i1 - i0, j1 - j0, q0=i0 + off, k0=j0, device=q.device), float("-inf"))
-            p = torch.exp(s - lse_safe[..., i0:i1, None])                # recomputed, never stored
+            p = s.sub_(lse_safe[..., i0:i1, None]).exp_()                 # P recomputed, never stored
             dvj += p.transpose(-2, -1) @ doi
-            dp = doi @ vj.transpose(-2, -1)
-            ds = p * (dp - D[..., i0:i1, None])
+            dp = torch.matmul(doi, vj.transpose(-2, -1), out=_tile(dp_buf, shape))
+            ds = dp.sub_(D[..., i0:i1, None]).mul_(p)                    # dS = P ∘ (dP − D), in place
             dq[..., i0:i1, :] += (ds @ kj) * scale
             dkj += (ds.transpose(-2, -1) @ qi) * scale
         dk[..., j0:j1, :], dv[..., j0:j1, :] = dkj, dvj
+
+    with torch.no_grad():
+        run_tiles(key_tile, starts, workers)
+    dq = dq_parts[0]
+    for part in dq_parts[1:]:                                             # fixed order: deterministic
+        dq = dq + part
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 

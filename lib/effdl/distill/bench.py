@@ -93,9 +93,12 @@ def iteration_cost(stepper, device, repeat: int = 3) -> tuple[float, int]:
     return res.median_ms / 1e3, peak_memory(stepper.step, device=device)
 
 
-def experiment(profile: str | None = None, device=None, progress: bool = True, methods=METHODS):
+def experiment(profile: str | None = None, device=None, progress: bool = True, methods=METHODS,
+               full_data: bool = False, cost: dict | None = None, pool0: FeaturePool | None = None):
     """The chapter's whole results table.  Returns ``(rows, gallery, full)``: the bench rows, seed 0's
-    synthetic images per (method, ipc), and the full-data reference accuracy per seed."""
+    synthetic images per (method, ipc), and (if ``full_data``) the full-data reference accuracy per
+    seed (else an empty list).  ``cost`` ({(method, ipc): (sec, bytes)}) and ``pool0`` (seed 0's
+    feature pool) reuse what a caller has already measured or built."""
     from tqdm.auto import tqdm
 
     from effdl.profile import sizes
@@ -103,12 +106,13 @@ def experiment(profile: str | None = None, device=None, progress: bool = True, m
     S = sizes("distill", profile)
     dev = torch.device(device or "cpu")
     (x, y), (xt, yt) = load(S, dev)
-    cost = {}
-    pool0 = FeaturePool(x, y, S.pool_size, S.width, 0, cache_real=S.cache_real)
+    cost = dict(cost or {})
+    pool0 = pool0 or FeaturePool(x, y, S.pool_size, S.width, 0, cache_real=S.cache_real)
     for ipc in S.ipcs:
         for m in methods:
-            st = stepper_for(m, x, y, ipc, 0, S, pool0)
-            cost[m, ipc] = (None, None) if st is None else iteration_cost(st, dev, S.cost_repeat)
+            if (m, ipc) not in cost:
+                st = stepper_for(m, x, y, ipc, 0, S, pool0)
+                cost[m, ipc] = (None, None) if st is None else iteration_cost(st, dev, S.cost_repeat)
     rows, gallery, full = [], {}, []
     jobs = [(seed, ipc, m) for seed in S.seeds for ipc in S.ipcs for m in methods]
     pools = {0: pool0}
@@ -124,7 +128,7 @@ def experiment(profile: str | None = None, device=None, progress: bool = True, m
                      "peak_mem_bytes": mem, "iterations": 0 if m in ("random", "herding") else iters})
         if seed == S.seeds[0]:
             gallery[m, ipc] = xs.detach().cpu()
-    for seed in S.seeds:
+    for seed in S.seeds if full_data else ():
         full.append(evaluate(x, y, xt, yt, seed=seed, epochs=S.full_epochs, width=S.width))
     return rows, gallery, full
 

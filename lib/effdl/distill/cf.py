@@ -61,8 +61,15 @@ def cf_discrepancy(f_real: torch.Tensor, f_syn: torch.Tensor, t: torch.Tensor,
         raise ValueError(f"alpha and beta weight two squared terms and must be ≥ 0, got {alpha}, {beta}")
     amplitude, phase = cf_terms(f_real, f_syn, t)
     per_freq = alpha * amplitude + beta * phase
-    eps = 1e-8  # why: sqrt'(0) is infinite; the shift keeps the value exactly 0 for identical sets
-    return ((per_freq + eps).sqrt() - eps ** 0.5).mean(-1).sum()
+    return _safe_sqrt(per_freq).mean(-1).sum()
+
+
+def _safe_sqrt(p: torch.Tensor, eps: float = 1e-10) -> torch.Tensor:
+    """sqrt(p) for p ≥ eps, the linear p/sqrt(eps) below: exactly 0 at 0, finite slope there.
+
+    Why: sqrt'(0) is infinite (NaN gradients for a perfectly matched frequency); shifting the
+    argument, sqrt(p + eps) − sqrt(eps), would bias every term by about sqrt(eps)."""
+    return torch.where(p > eps, p.clamp_min(eps).sqrt(), p / eps ** 0.5)
 
 
 def gaussian_frequencies(n_freq: int, dim: int, sigma: float = 1.0, *, generator=None,

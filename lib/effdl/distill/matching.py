@@ -14,7 +14,7 @@ import torch
 from effdl.distill.cf import cf_discrepancy, gaussian_frequencies
 from effdl.distill.convnet import make_net
 from effdl.distill.dm import dm_loss
-from effdl.distill.ncfm import FrequencySampler, sampler_ascent_step
+from effdl.distill.ncfm import FrequencySampler
 
 __all__ = ["FeaturePool", "MatchingStepper", "matching_loss", "match_distill"]
 
@@ -108,16 +108,34 @@ class MatchingStepper:
         if self.method == "cfd":
             t = gaussian_frequencies(self.n_freq, pool.dim, self.sigma / pool.dim ** 0.5, generator=g)
             t = t.to(self.x_syn.device)
+        elif self.method == "ncfm" and self.it % self.sampler_every == 0:
+            return self._minmax_step(f_real, f_syn)
         elif self.method == "ncfm":
-            if self.it % self.sampler_every == 0:      # max step: the sampler, on detached features
-                sampler_ascent_step(self.sampler, self.s_opt, f_real, f_syn, self.alpha, self.beta,
-                                    measure=False, generator=g)
-            with torch.no_grad():                      # min step: the images, frequencies fixed
+            with torch.no_grad():
                 t = self.sampler(self.sampler.draw_noise(g))
         loss = matching_loss(self.method, f_real, f_syn, t, self.alpha, self.beta)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()
+        self.it += 1
+        return float(loss.detach())
+
+    def _minmax_step(self, f_real: torch.Tensor, f_syn: torch.Tensor) -> float:
+        """Both players from ONE forward and ONE backward: descent for the images, ascent for the sampler.
+
+        ∂L/∂θ_sampler does not depend on whether the images' side of the graph is detached, so one
+        ``autograd.grad`` returns both gradients; the sampler's is negated before its step.  Each
+        player gets its own gradient and its own step: nothing accumulates into a shared ``.grad``
+        (the official order's bug), and it costs one CF evaluation instead of two."""
+        params = list(self.sampler.parameters())
+        t = self.sampler(self.sampler.draw_noise(self.g))
+        loss = matching_loss("ncfm", f_real, f_syn, t, self.alpha, self.beta)
+        grads = torch.autograd.grad(loss, [self.x_syn, *params])
+        self.x_syn.grad = grads[0]                     # minimize w.r.t. the images
+        for p, gp in zip(params, grads[1:]):
+            p.grad = -gp                               # maximize w.r.t. the sampler
+        self.opt.step()
+        self.s_opt.step()
         self.it += 1
         return float(loss.detach())
 

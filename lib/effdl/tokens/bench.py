@@ -7,6 +7,8 @@ Rows ``{"method", "keep", "mean_tokens_kept_frac", "accuracy", "ms_batch1", "ms_
 
 from __future__ import annotations
 
+import statistics
+
 import torch
 from tqdm.auto import tqdm
 
@@ -18,7 +20,8 @@ from effdl.tokens.reducers import REDUCERS, make
 from effdl.tokens.train import evaluate, train
 from effdl.tokens.vit import Block, TinyViT, block_flops
 
-__all__ = ["build_model", "datasets", "measure_methods", "token_cost", "kv_rows", "targets", "run", "plot", "gpu_suite"]
+__all__ = ["build_model", "datasets", "measure_methods", "token_cost", "kv_rows", "targets", "run", "plot", "plot_tradeoff",
+           "plot_kv", "gpu_suite"]
 
 
 def build_model(S, seed: int = 0) -> TinyViT:
@@ -43,8 +46,10 @@ def measure_methods(model, images, labels, *, keeps, batch: int = 64, repeat: in
                     device=None, latency: bool = True, progress: bool = True) -> list[dict]:
     """Accuracy, mean kept fraction, latency (batch 1 and ``batch``) and GFLOPs per method and budget.
 
-    ``keep_all`` runs the model with no reducer (the naive baseline, one row).  Batch-1 latency is
-    the mean over 4 different pages (adaptive methods keep different counts per page); GFLOPs are
+    ``keep_all`` runs the model with no reducer (the naive baseline, one row).  Latency is measured
+    in ``repeat`` interleaved rounds (every configuration once per round), so that a change in the
+    machine's load hits all of them alike; the median over rounds is reported.  Batch-1 latency is
+    the mean over 4 different pages (adaptive methods keep different counts per page).  GFLOPs are
     per page, analytic (:meth:`TinyViT.flops`) at the mean kept count.
     """
     dev = torch.device(device or "cpu")
@@ -53,21 +58,29 @@ def measure_methods(model, images, labels, *, keeps, batch: int = 64, repeat: in
     model = model.to(dev).eval()
     images, labels = images.to(dev), labels.to(dev)
     rows = []
-    for method, keep in tqdm(pairs, desc="methods", disable=not progress, leave=False):
-        fn = _method_fn(method, keep)
-        ev = evaluate(model, images, labels, fn)
-        row = {"method": method, "keep": keep, "mean_tokens_kept_frac": ev["kept_frac"], "accuracy": ev["accuracy"]}
-        if latency:
-            gen = torch.Generator().manual_seed(0)
-            with torch.no_grad():
-                singles = [images[i:i + 1] for i in range(4)]
-                r1 = benchmark(lambda: [model(p, fn, generator=gen) for p in singles], warmup=1, repeat=repeat, device=dev)
-                xb = images[:batch]
-                r64 = benchmark(lambda: model(xb, fn, buckets=4, generator=gen), warmup=1, repeat=repeat, device=dev)
-            row.update(ms_batch1=r1.median_ms / len(singles), ms_batch64=r64.median_ms,
-                       gflops=model.flops(ev["kept_frac"] * model.n_patches) / 1e9,
-                       batch=int(xb.shape[0]))
-        rows.append(row)
+    for method, keep in tqdm(pairs, desc="accuracy", disable=not progress, leave=False):
+        ev = evaluate(model, images, labels, _method_fn(method, keep))
+        rows.append({"method": method, "keep": keep, "mean_tokens_kept_frac": ev["kept_frac"], "accuracy": ev["accuracy"],
+                     "gflops": model.flops(ev["kept_frac"] * model.n_patches) / 1e9})
+    if not latency:
+        return rows
+    singles = [images[i:i + 1] for i in range(min(4, images.shape[0]))]
+    xb = images[:batch]
+    calls = []
+    for method, keep in pairs:
+        fn, gen = _method_fn(method, keep), torch.Generator().manual_seed(0)
+        calls.append((lambda fn=fn, gen=gen: [model(p, fn, generator=gen) for p in singles],
+                      lambda fn=fn, gen=gen: model(xb, fn, buckets=4, generator=gen)))
+    t1 = [[] for _ in pairs]
+    t64 = [[] for _ in pairs]
+    with torch.no_grad():
+        for _ in tqdm(range(repeat), desc="latency rounds", disable=not progress, leave=False):
+            for i, (one, many) in enumerate(calls):
+                t1[i] += benchmark(one, warmup=1, repeat=1, device=dev).times_ms
+                t64[i] += benchmark(many, warmup=1, repeat=1, device=dev).times_ms
+    for row, a, b in zip(rows, t1, t64):
+        row.update(ms_batch1=statistics.median(a) / len(singles), ms_batch64=statistics.median(b),
+                   batch=int(xb.shape[0]))
     return rows
 
 
@@ -120,6 +133,8 @@ def kv_rows(S, *, seed: int = 0, groups=(1, 8), progress: bool = True) -> list[d
 def run(profile: str, device: torch.device) -> list[dict]:
     """Train the profile's model, then measure every method at every budget, then the KV codec."""
     S = profile_sizes("tokens", profile)
+    if device.type == "cpu" and S.threads:
+        torch.set_num_threads(S.threads)  # see Sizes.threads: steadier timings on a shared machine
     (xtr, ytr), (xte, yte, _) = datasets(S)
     model = build_model(S)
     train(model, xtr, ytr, steps=S.train_steps, batch=S.train_batch, lr=S.lr, time_limit_s=S.train_time_limit_s)
@@ -127,38 +142,69 @@ def run(profile: str, device: torch.device) -> list[dict]:
     return rows + kv_rows(S)
 
 
-def plot(rows, path=None):
-    """Three panels: accuracy and batch-64 latency against tokens kept; KV error against size."""
+def plot_tradeoff(rows, axes=None):
+    """Accuracy and batch-64 latency against the mean fraction of tokens kept, one line per method."""
     import matplotlib.pyplot as plt
 
-    vit = [r for r in rows if r["method"] != "kv"]
-    kv = [r for r in rows if r["method"] == "kv"]
-    fig, axes = plt.subplots(1, 3, figsize=(15, 3.8))
+    vit = [r for r in rows if r.get("method") not in ("kv", "blocks")]
+    if axes is None:
+        _, axes = plt.subplots(1, 2, figsize=(11, 3.8))
     for method in dict.fromkeys(r["method"] for r in vit):
         pts = sorted((r["mean_tokens_kept_frac"], r["accuracy"], r.get("ms_batch64")) for r in vit if r["method"] == method)
-        style = dict(marker="*" if method == "tcc" else "o", ms=10 if method == "tcc" else 5, label=method)
+        if method == "keep_all":  # one point: draw it as a reference line across the panel
+            axes[0].axhline(100 * pts[0][1], color="k", ls="--", lw=1, label="keep_all")
+            if pts[0][2] is not None:
+                axes[1].axhline(pts[0][2], color="k", ls="--", lw=1, label="keep_all")
+            continue
+        style = dict(marker="*" if method == "tcc" else "o", ms=11 if method == "tcc" else 5, label=method)
         axes[0].plot([p[0] for p in pts], [100 * p[1] for p in pts], **style)
         if pts[0][2] is not None:
             axes[1].plot([p[0] for p in pts], [p[2] for p in pts], **style)
-    axes[0].set(xlabel="mean fraction of patch tokens kept", ylabel="accuracy (%)", title="accuracy vs tokens")
-    axes[1].set(xlabel="mean fraction of patch tokens kept", ylabel="batch-64 latency (ms)", title="latency vs tokens")
-    for g in dict.fromkeys(r["group"] for r in kv):
-        pts = sorted((r["ratio_vs_fp16"], r["attn_rel_err"], r["bits"]) for r in kv if r["group"] == g and isinstance(r["bits"], int))
-        if pts:
-            axes[2].plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"uniform bits, anchor every {g}")
-            for x, y, b in pts:
-                axes[2].annotate(f"{b}b", (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
-    for r in kv:
-        if isinstance(r["bits"], str):
-            axes[2].plot(r["ratio_vs_fp16"], r["attn_rel_err"], "k*", ms=12, label=f"layer bits {r['bits']}")
-    axes[2].axhline(1e-2, color="gray", ls=":")
-    axes[2].axvline(3.5, color="gray", ls=":")
-    axes[2].set(xlabel="compression ratio vs fp16 (×)", ylabel="attention-output relative error",
-                yscale="log", title="KV cache: size vs error")
+    axes[0].set(xlabel="mean fraction of patch tokens kept", ylabel="accuracy (%)", title="accuracy vs tokens kept")
+    axes[1].set(xlabel="mean fraction of patch tokens kept", ylabel="batch-64 latency (ms)",
+                title="latency vs tokens kept", ylim=(0, None))
     for ax in axes:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.tight_layout()
+    ax.figure.tight_layout()
+    return ax.figure
+
+
+def plot_kv(rows, ax=None):
+    """Attention-output error against compression ratio for the KV codec's settings."""
+    import matplotlib.pyplot as plt
+
+    kv = [r for r in rows if r.get("method") == "kv"]
+    if ax is None:
+        _, ax = plt.subplots(figsize=(5.5, 3.8))
+    for g in dict.fromkeys(r["group"] for r in kv):
+        pts = sorted((r["ratio_vs_fp16"], r["attn_rel_err"], r["bits"]) for r in kv
+                     if r["group"] == g and isinstance(r["bits"], int))
+        if pts:
+            label = "no anchors (group 1)" if g == 1 else f"anchor every {g} tokens"
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"uniform bits, {label}")
+            for x, y, b in pts:
+                ax.annotate(f"{b}b", (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    for r in kv:
+        if isinstance(r["bits"], str):
+            ax.plot(r["ratio_vs_fp16"], r["attn_rel_err"], "k*", ms=12, label=f"layer bits {r['bits']}")
+    ax.axhline(1e-2, color="gray", ls=":")
+    ax.axvline(3.5, color="gray", ls=":")
+    ax.set(xlabel="compression ratio vs fp16 (×)", ylabel="attention-output relative error", yscale="log",
+           title="KV cache: size vs error (target: lower right of the dotted lines)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    ax.figure.tight_layout()
+    return ax.figure
+
+
+def plot(rows, path=None):
+    """The CLI's figure: :func:`plot_tradeoff` and :func:`plot_kv` side by side."""
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(16, 3.8))
+    plot_tradeoff(rows, axes[:2])
+    plot_kv(rows, axes[2])
     if path is not None:
         fig.savefig(path, dpi=120)
     return fig
@@ -177,7 +223,6 @@ def gpu_suite(device: torch.device) -> list[dict]:
     model = build_model(S).to(device).eval()
     images = images.to(device)
     rows = []
-    torch.backends.cuda.matmul.allow_tf32 = True
     for method in REDUCERS:
         for keep in ((1.0,) if method == "keep_all" else (0.5, 0.25)):
             fn = _method_fn(method, keep)
