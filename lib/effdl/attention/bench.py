@@ -160,17 +160,22 @@ def decode_rows(Ls, *, d, batch, heads, device, impls, dtype="float32", warmup=1
 
 
 def tile_sweep(N: int, tiles, *, d: int, batch: int, heads: int, device="cpu", dtype=torch.float32,
-               warmup=1, repeat=3, memory=True) -> list[dict]:
-    """Tiled forward time and peak memory per (block_q, block_k); also the number of tile steps."""
+               warmup=1, repeat=3, memory=True, modes=(True,)) -> list[dict]:
+    """Tiled forward time and peak memory per (block_q, block_k) and mode; also the number of tile steps.
+
+    ``modes``: values of ``flash2_forward(parallel=...)`` — True runs query tiles side by side on the
+    cores, False runs them one after another with every operation split across all cores.
+    """
     from tqdm.auto import tqdm
 
     g = torch.Generator(device=device).manual_seed(0)
     q, k, v = (torch.randn(batch, heads, N, d, device=device, dtype=dtype, generator=g) for _ in range(3))
     rows = []
-    for bq, bk in tqdm(list(tiles), desc="tile sizes", leave=False):
-        fn = lambda: flash2_forward(q, k, v, block_q=bq, block_k=bk)    # noqa: E731
+    for (bq, bk), par in tqdm([(t, m) for t in tiles for m in modes], desc="tile sizes", leave=False):
+        fn = lambda: flash2_forward(q, k, v, block_q=bq, block_k=bk, parallel=par)    # noqa: E731
         res = benchmark(fn, warmup=warmup, repeat=repeat, device=device)
-        row = dict(block_q=bq, block_k=bk, tile_elems=bq * bk, steps=math.ceil(N / bq) * math.ceil(N / bk),
+        row = dict(mode="tiles across cores" if par else "ops across cores", block_q=bq, block_k=bk,
+                   tile_elems=bq * bk, steps=math.ceil(N / bq) * math.ceil(N / bk),
                    ms=res.median_ms, ms_iqr=res.iqr_ms)
         row["tflops"] = prefill_flops(batch, heads, N, d, False) / (res.median_ms * 1e-3) / 1e12
         row["us_per_step"] = res.median_ms * 1e3 / row["steps"]

@@ -30,11 +30,13 @@ def prefill_time_memory(rows, title: str = ""):
 def tile_sweep(tile_rows, mm_rows):
     """Left: tiled forward time against tile size; right: matmul GFLOP/s and µs per call against tile side."""
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
-    xs = [r["tile_elems"] for r in tile_rows]
-    a.plot(xs, [r["ms"] for r in tile_rows], marker="o", label="tiled forward")
+    for mode in dict.fromkeys(r.get("mode", "tiled forward") for r in tile_rows):
+        sub = [r for r in tile_rows if r.get("mode", "tiled forward") == mode]
+        a.plot([r["tile_elems"] for r in sub], [r["ms"] for r in sub], marker="o", label=mode)
     for r in tile_rows:
-        a.annotate(f'{r["block_q"]}x{r["block_k"]}', (r["tile_elems"], r["ms"]), fontsize=7,
-                   textcoords="offset points", xytext=(3, 3))
+        if r.get("mode", "tiles across cores") == "tiles across cores":
+            a.annotate(f'{r["block_q"]}x{r["block_k"]}', (r["tile_elems"], r["ms"]), fontsize=7,
+                       textcoords="offset points", xytext=(3, 3))
     a.set(xscale="log", yscale="log", xlabel="tile size block_q x block_k (elements)", ylabel="forward time (ms)")
     a.set_xscale("log", base=2)
     sides = [r["side"] for r in mm_rows]

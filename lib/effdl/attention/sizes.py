@@ -37,7 +37,7 @@ SIZES = {
     "cpu": Sizes(
         batch=1, heads=4, head_dim=64, seq_lens=(512, 1024, 2048, 4096), target_N=4096, tile_N=2048,
         tiles=((64, 64), (128, 128), (256, 256), (512, 512), (512, 1024), (1024, 1024), (1024, 2048)),
-        matmul_tiles=(32, 64, 128, 256, 512, 1024), grad_N=1024,
+        matmul_tiles=(32, 64, 128, 256, 512, 1024), grad_N=2048,
         io_N=(256, 512, 1024, 2048), io_d=(32, 64, 128), io_M=(1024, 4096, 16384, 65536), triton_N=64,
         decode_L=(4096, 16384, 65536), decode_batch=1, decode_heads=8, warmup=1, repeat=3,
     ),

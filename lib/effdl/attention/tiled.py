@@ -161,11 +161,13 @@ def run_tiles(fn, starts, workers: int) -> None:
     from concurrent.futures import ThreadPoolExecutor
 
     threads = torch.get_num_threads()
+    grad_mode = torch.is_grad_enabled()                                   # thread-local: pass it on
 
     def worker(w):
         torch.set_num_threads(1)                                          # this worker: one core
-        for s0 in starts[w::workers]:
-            fn(s0, w)
+        with torch.set_grad_enabled(grad_mode):
+            for s0 in starts[w::workers]:
+                fn(s0, w)
 
     try:
         with ThreadPoolExecutor(workers, thread_name_prefix="effdl-tile") as pool:

@@ -129,7 +129,7 @@ def experiment(profile: str | None = None, device=None, progress: bool = True, m
         if seed == S.seeds[0]:
             gallery[m, ipc] = xs.detach().cpu()
     for seed in S.seeds if full_data else ():
-        full.append(evaluate(x, y, xt, yt, seed=seed, epochs=S.full_epochs, width=S.width))
+        full.append(evaluate(x, y, xt, yt, seed=seed, epochs=S.full_epochs, width=S.width, batch_size=64))
     return rows, gallery, full
 
 

@@ -100,15 +100,19 @@ def token_cost(dim: int, heads: int, depth: int, token_counts, *, batch: int = 6
             x, _, _ = b(x)
         return x
 
+    inputs = [torch.randn(batch, n, dim, device=dev) for n in token_counts]
+    times = [[] for _ in token_counts]
+    with torch.no_grad():
+        for _ in range(repeat):  # interleaved rounds, as in measure_methods
+            for t, x in zip(times, inputs):
+                t += benchmark(lambda: run_blocks(x), warmup=1, repeat=1, device=dev).times_ms
     rows = []
-    for n in token_counts:
-        x = torch.randn(batch, n, dim, device=dev)
-        with torch.no_grad():
-            res = benchmark(lambda: run_blocks(x), warmup=1, repeat=repeat, device=dev)
+    for n, t in zip(token_counts, times):
+        ms = statistics.median(t)
         flops = depth * batch * block_flops(n, dim, blocks[0].mlp_ratio)
         attn = depth * batch * 4 * n * n * dim  # QKᵀ and PV: 2·N²·d FLOPs each
-        rows.append({"n_tokens": n, "batch": batch, "ms": res.median_ms, "gflops": flops / 1e9,
-                     "attn_flops_frac": attn / flops, "us_per_token": 1e3 * res.median_ms / (batch * n)})
+        rows.append({"n_tokens": n, "batch": batch, "ms": ms, "gflops": flops / 1e9,
+                     "attn_flops_frac": attn / flops, "us_per_token": 1e3 * ms / (batch * n)})
     return rows
 
 

@@ -37,20 +37,20 @@ class Sizes:
 
 SIZES = {
     "smoke": Sizes(
-        page=(48, 48), crop=24, patch=8, glyph_px=5, dim=16, depth=3, heads=2, reduce_at=1,
+        page=(48, 48), crop=24, patch=8, glyph_px=5, dim=16, depth=3, heads=2, reduce_at=0,
         n_train=96, n_test=32, train_steps=3, train_batch=16, lr=1e-3, train_time_limit_s=20,
         finetune_steps=2, keeps=(0.5,), bench_batch=8, repeat=1, cost_tokens=(16, 64),
         kv_tokens=64, kv_dim=32, kv_depth=2, kv_bits=(4, 6),
     ),
     "cpu": Sizes(
-        page=(96, 96), crop=48, patch=8, glyph_px=5, dim=32, depth=6, heads=2, reduce_at=1,
-        n_train=3000, n_test=500, train_steps=200, train_batch=32, lr=1e-3, train_time_limit_s=100,
-        finetune_steps=30, keeps=(0.7, 0.5, 0.35, 0.25), bench_batch=64, repeat=5,
+        page=(96, 96), crop=48, patch=8, glyph_px=5, dim=32, depth=6, heads=2, reduce_at=0,
+        n_train=3000, n_test=1000, train_steps=200, train_batch=32, lr=1e-3, train_time_limit_s=100,
+        finetune_steps=30, keeps=(0.7, 0.5, 0.35, 0.25), bench_batch=64, repeat=7,
         cost_tokens=(16, 36, 64, 144, 256, 576), kv_tokens=1024, kv_dim=128, kv_depth=4,
         kv_bits=(3, 4, 5, 6, 7, 8), threads=1,
     ),
     "gpu": Sizes(
-        page=(256, 256), crop=128, patch=8, glyph_px=6, dim=128, depth=8, heads=4, reduce_at=1,
+        page=(256, 256), crop=128, patch=8, glyph_px=6, dim=128, depth=8, heads=4, reduce_at=0,
         n_train=4000, n_test=1000, train_steps=800, train_batch=128, lr=1e-3, train_time_limit_s=600,
         finetune_steps=100, keeps=(0.7, 0.5, 0.35, 0.25), bench_batch=64, repeat=20,
         cost_tokens=(64, 256, 1024, 4096), kv_tokens=4096, kv_dim=256, kv_depth=8,

@@ -115,6 +115,12 @@ class Block(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
         self.mlp_ratio = mlp_ratio
 
+    def qk(self, x):
+        """Queries and keys ``(B, heads, N, head_dim)`` this block would use: for scoring tokens."""
+        B, N, _ = x.shape
+        q, k = self.qkv(self.norm1(x)).view(B, N, 3, self.heads, self.head_dim)[:, :, :2].permute(2, 0, 3, 1, 4)
+        return q, k
+
     def forward(self, x, size=None, need_weights=False):
         """x: (B, N, dim); size: (B, N) or None (all ones). Returns (x, attn or None, (q, k)).
 
@@ -147,17 +153,21 @@ class TinyViT(nn.Module):
     Args:
         image_size: page ``(H, W)``; crop: sub-image side; patch: patch side (crop % patch == 0).
         dim, depth, heads, mlp_ratio: transformer width, blocks, heads, MLP expansion.
-        n_classes: outputs; reduce_at: the reducer runs before block ``reduce_at`` (1 ≤ it < depth).
+        n_classes: outputs; reduce_at: the reducer runs before block ``reduce_at`` (0 ≤ it < depth).
+            With 0 (the default) it reads the first block's queries and keys, computed on all tokens,
+            and *every* block runs on the kept tokens only: a dropped patch's content never reaches
+            [CLS].  With ``reduce_at ≥ 1`` earlier blocks see every token (and may already have copied
+            what a dropped token held into the ones that stay).
     """
 
     def __init__(self, image_size=(96, 96), crop=48, patch=8, dim=64, depth=6, heads=4, mlp_ratio=2.0,
-                 n_classes=4, reduce_at=1):
+                 n_classes=4, reduce_at=0):
         super().__init__()
         H, W = image_size
         if H % crop or W % crop or crop % patch:
             raise ValueError(f"need H, W multiples of crop and crop a multiple of patch; got {image_size}, {crop}, {patch}")
-        if not 1 <= reduce_at < depth:
-            raise ValueError(f"reduce_at={reduce_at} must be in [1, depth={depth})")
+        if not 0 <= reduce_at < depth:
+            raise ValueError(f"reduce_at={reduce_at} must be in [0, depth={depth})")
         self.image_size, self.crop, self.patch = (H, W), crop, patch
         self.n_crops = (H // crop) * (W // crop)
         self.tokens_per_crop = (crop // patch) ** 2
@@ -183,7 +193,10 @@ class TinyViT(nn.Module):
         embed = 2 * self.n_patches * self.patch ** 2 * self.dim
         before = self.reduce_at * block_flops(n0, self.dim, r)
         after = (len(self.blocks) - self.reduce_at) * block_flops(n1, self.dim, r)
-        return float(embed + before + after + 2 * self.dim * self.head.out_features)
+        scoring = 0
+        if n_kept is not None and self.reduce_at == 0:  # q, k of block 0 on all tokens, [CLS] row
+            scoring = 2 * n0 * self.dim * 2 * self.dim + 2 * n0 * self.dim
+        return float(embed + scoring + before + after + 2 * self.dim * self.head.out_features)
 
     def patchify(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 1, H, W) pages -> (B, n_patches, patch*patch) ink values, crop by crop."""
@@ -210,12 +223,18 @@ class TinyViT(nn.Module):
         B = x.shape[0]
         x = torch.cat([self.cls.expand(B, -1, -1), x], dim=1) + self.pos  # (B, 1+Np, dim)
         size = None
-        first_keys = None
+        info = {"n_kept": torch.full((B,), self.n_patches), "assign": None, "attn": None}
+        if reducer is None and not return_info:  # the naive path: no scoring at all
+            for blk in self.blocks:
+                x, _, _ = blk(x)
+            return self.head(self.norm(x[:, 0]))
+        if self.reduce_at == 0:
+            q, k = self.blocks[0].qk(x)  # scoring only; block 0 runs below on the kept tokens
+            first_keys = k
         for i in range(self.reduce_at):
             x, _, (q, k) = self.blocks[i](x)
             if i == 0:
                 first_keys = k
-        info = {"n_kept": torch.full((B,), self.n_patches), "assign": None, "attn": None}
         ctx = TokenContext(queries=q, keys=k, first_keys=first_keys,
                            size=torch.ones(B, x.shape[1], dtype=x.dtype, device=x.device),
                            crop_id=self.crop_id, n_crops=self.n_crops,
