@@ -45,7 +45,7 @@ SIZES = {
     "cpu": Sizes(
         page=(96, 96), crop=48, patch=8, glyph_px=5, dim=32, depth=6, heads=2, reduce_at=0,
         n_train=3000, n_test=1000, train_steps=200, train_batch=32, lr=1e-3, train_time_limit_s=100,
-        finetune_steps=30, keeps=(0.7, 0.5, 0.35, 0.25), bench_batch=64, repeat=7,
+        finetune_steps=30, keeps=(0.7, 0.5, 0.35, 0.25), bench_batch=64, repeat=15,
         cost_tokens=(16, 36, 64, 144, 256, 576), kv_tokens=1024, kv_dim=128, kv_depth=4,
         kv_bits=(3, 4, 5, 6, 7, 8), threads=1,
     ),
