@@ -86,7 +86,7 @@ def test_checks_reject_plausible_mistakes():
         optimizer.step()
         with torch.no_grad():
             after = dd.cf_discrepancy(f_real, f_syn, sampler(noise))
-        return float(loss), float(after)
+        return float(loss.detach()), float(after)
 
     with pytest.raises(effdl.checks.ExerciseFailed):
         C.check_minmax_step(minmax_descends)

@@ -62,17 +62,12 @@ def _select(x: torch.Tensor, ctx: TokenContext, chosen: torch.Tensor) -> Reduced
     """
     B, N, D = x.shape
     keep_mask = torch.cat([torch.ones(B, 1, dtype=torch.bool, device=x.device), chosen], 1)  # (B, N)
-    counts = keep_mask.sum(1)
-    n_out = int(counts.max())
-    # stable sort puts kept tokens first, in order: key 0 for kept, 1 for dropped
-    order = torch.sort((~keep_mask).to(torch.int8), dim=1, stable=True).indices[:, :n_out]  # (B, n_out)
-    valid = torch.arange(n_out, device=x.device)[None] < counts[:, None]
-    new_x = torch.gather(x, 1, order[..., None].expand(-1, -1, D)) * valid[..., None]
-    new_size = torch.gather(ctx.size, 1, order) * valid
-    where = torch.full((B, N + 1), -1, dtype=torch.long, device=x.device)  # column N: a dump for padding
-    slots = torch.arange(n_out, device=x.device).expand(B, -1)
-    where.scatter_(1, torch.where(valid, order, N), torch.where(valid, slots, -1))
-    return Reduced(new_x, new_size, where[:, :N])
+    slot = keep_mask.long().cumsum(1) - 1  # the new position of each kept token (no sort needed)
+    n_out = int(slot[:, -1].max()) + 1
+    dest = torch.where(keep_mask, slot, n_out)  # dropped tokens go to a scratch slot, cut off below
+    new_x = x.new_zeros(B, n_out + 1, D).scatter_(1, dest[..., None].expand(-1, -1, D), x)[:, :n_out]
+    new_size = ctx.size.new_zeros(B, n_out + 1).scatter_(1, dest, ctx.size)[:, :n_out]
+    return Reduced(new_x, new_size, torch.where(keep_mask, slot, -1))
 
 
 def keep_all(x: torch.Tensor, ctx: TokenContext, keep: float = 1.0) -> Reduced:
