@@ -68,12 +68,19 @@ def explore_kept(model, images, make_reducer, methods, *, titles=None, keep: flo
     """Interactive: choose page, method and budget; always returns the static figure too.
 
     ``make_reducer(name, keep)`` builds a reducer.  Without ipywidgets (or without a live kernel,
-    as on the static site) the static figure of page 0 for every method is what you see.
+    as on the static site: `make book` sets ``$EFFDL_SITE_BUILD``) the static figure of page 0 for
+    every method is what you see.
     """
     import matplotlib.pyplot as plt
 
     static = kept_tokens_figure(model, images, {m: make_reducer(m, keep) for m in methods}, pages=[0],
                                 titles=None if titles is None else titles[:1])
+    import os
+
+    from effdl.plot import SITE_BUILD_ENV
+
+    if os.environ.get(SITE_BUILD_ENV):  # building the site: a static page can't run callbacks, no dead widget
+        return static
     try:
         import ipywidgets as w
         from IPython.display import display
