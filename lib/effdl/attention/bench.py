@@ -276,7 +276,10 @@ def plot(rows, path=None):
     b.set(xscale="log", xlabel="KV cache length L", ylabel="K/V read bandwidth (GB/s)", title="decode (1 query token)")
     for ax in (a, b):
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[0]:  # a panel can be empty (e.g. no decode rows recorded)
+            ax.legend(fontsize=8)
+        else:
+            ax.text(0.5, 0.5, "no rows", ha="center", va="center", transform=ax.transAxes)
     fig.tight_layout()
     if path is not None:
         fig.savefig(path, dpi=120)

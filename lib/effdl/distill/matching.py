@@ -95,7 +95,10 @@ class MatchingStepper:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)
                 self.sampler = FrequencySampler(pool.dim, n_freq, sigma=sigma / pool.dim ** 0.5).to(x_syn.device)
-            self.s_opt = torch.optim.Adam(self.sampler.parameters(), lr=sampler_lr)
+            # why maximize=True: the sampler ascends the very gradient the images descend (no negation
+            # pass); fused: one kernel for its five small tensors instead of a Python loop over them
+            self.s_opt = torch.optim.Adam(self.sampler.parameters(), lr=sampler_lr, maximize=True,
+                                          fused=_fused_ok(x_syn.device))
         self.it = 0
 
     def step(self) -> float:
@@ -124,20 +127,26 @@ class MatchingStepper:
         """Both players from ONE forward and ONE backward: descent for the images, ascent for the sampler.
 
         ∂L/∂θ_sampler does not depend on whether the images' side of the graph is detached, so one
-        ``autograd.grad`` returns both gradients; the sampler's is negated before its step.  Each
-        player gets its own gradient and its own step: nothing accumulates into a shared ``.grad``
-        (the official order's bug), and it costs one CF evaluation instead of two."""
+        ``autograd.grad`` returns both gradients; the sampler's optimizer has ``maximize=True``, so it
+        ascends the same gradient.  Each player gets its own gradient and its own step: nothing
+        accumulates into a shared ``.grad`` (the official order's bug), and it costs one CF evaluation
+        (one pass over the real features, see :func:`effdl.distill.cf.paired_cf`) instead of two."""
         params = list(self.sampler.parameters())
         t = self.sampler(self.sampler.draw_noise(self.g))
         loss = matching_loss("ncfm", f_real, f_syn, t, self.alpha, self.beta)
         grads = torch.autograd.grad(loss, [self.x_syn, *params])
         self.x_syn.grad = grads[0]                     # minimize w.r.t. the images
         for p, gp in zip(params, grads[1:]):
-            p.grad = -gp                               # maximize w.r.t. the sampler
+            p.grad = gp                                # the sampler's optimizer maximizes
         self.opt.step()
         self.s_opt.step()
         self.it += 1
         return float(loss.detach())
+
+
+def _fused_ok(device: torch.device) -> bool:
+    """Fused Adam exists for CPU and CUDA tensors (not every backend)."""
+    return torch.device(device).type in ("cpu", "cuda")
 
 
 def match_distill(x: torch.Tensor, y: torch.Tensor, x_syn: torch.Tensor, y_syn: torch.Tensor, method: str,
