@@ -182,6 +182,28 @@ def test_padding_does_not_change_results(vit, pages):
     assert torch.allclose(alone, bucketed, atol=1e-5)
 
 
+@settings(max_examples=20, deadline=None)
+@given(st.lists(st.integers(1, 40), min_size=2, max_size=9), st.integers(1, 4))
+def test_bucket_bounds_least_padded_work(counts, buckets):
+    """The DP's cut points cost no more than any split into at most ``buckets`` groups (brute force)."""
+    import itertools
+
+    vit = TinyViT(image_size=(48, 48), crop=24, patch=8, dim=16, depth=2, heads=2)
+    c = torch.tensor(sorted(counts))
+    ends = vit._bucket_bounds(c, buckets)
+    assert ends[-1] == len(c) and len(ends) <= buckets and ends == sorted(set(ends))
+
+    def work(ends):
+        starts = [0] + ends[:-1]
+        return sum((e - s) * block_flops(int(c[e - 1]), 16) for s, e in zip(starts, ends))
+
+    best = min(work(list(cut) + [len(c)]) for g in range(buckets)
+               for cut in itertools.combinations(range(1, len(c)), g))
+    assert work(ends) <= best / 0.99 + 1e-6  # an extra group must save >= 1% to be used
+    if len(set(counts)) == 1:
+        assert ends == [len(c)], "equal counts should run as one group"
+
+
 def test_explicit_and_fused_attention_agree():
     """need_weights=True (explicit softmax) vs SDPA: error vs fp64 at most 2x the plain path's."""
     torch.manual_seed(1)
