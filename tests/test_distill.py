@@ -73,6 +73,25 @@ def test_batched_cf_is_sum_of_per_class():
     assert torch.allclose(dm_loss(fr, fs), sum(mean_embedding_mmd(fr[c], fs[c]) for c in range(3)))
 
 
+@pytest.mark.parametrize("real,syn,m", [((7, 5), (1, 5), 3), ((3, 11, 4), (3, 2, 4), 6), ((2, 1, 3), (2, 5, 3), 1)])
+def test_paired_cf_matches_two_empirical_cfs_values_and_gradients(real, syn, m):
+    """The fused CF pair (one matmul, cos/sin reused by the backward) = two plain empirical_cf calls."""
+    g = torch.Generator().manual_seed(sum(real) + m)
+    fr = torch.randn(*real, generator=g, dtype=torch.float64, requires_grad=True)
+    fs = torch.randn(*syn, generator=g, dtype=torch.float64, requires_grad=True)
+    t = torch.randn(m, real[-1], generator=g, dtype=torch.float64, requires_grad=True)
+    fused = dd.paired_cf(fr, fs, t)
+    plain = (*dd.empirical_cf(fr, t), *dd.empirical_cf(fs, t))
+    for a, b in zip(fused, plain):
+        torch.testing.assert_close(a, b)
+    assert torch.autograd.gradcheck(dd.paired_cf, (fr, fs, t))
+    w = [torch.randn(v.shape, generator=g, dtype=torch.float64) for v in plain]
+    g_fused = torch.autograd.grad(sum((v * c).sum() for v, c in zip(fused, w)), (fr, fs, t))
+    g_plain = torch.autograd.grad(sum((v * c).sum() for v, c in zip(plain, w)), (fr, fs, t))
+    for a, b in zip(g_fused, g_plain):
+        torch.testing.assert_close(a, b)
+
+
 def test_gaussian_frequencies_match_gaussian_mmd():
     fr, fs = feats(50, 6, 0), feats(40, 6, 1, 0.5)
     g = torch.Generator().manual_seed(0)

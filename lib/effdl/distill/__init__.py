@@ -7,11 +7,11 @@
 """
 
 from effdl.distill.api import METHODS, distill, evaluate
-from effdl.distill.cf import cf_discrepancy, cf_terms, empirical_cf, gaussian_frequencies, gaussian_mmd2
+from effdl.distill.cf import cf_discrepancy, cf_terms, empirical_cf, gaussian_frequencies, gaussian_mmd2, paired_cf
 from effdl.distill.convnet import ConvNet, make_net
 from effdl.distill.dm import mean_embedding_mmd
 from effdl.distill.ncfm import FrequencySampler, cancelled_sampler_step, grad_norm, sampler_ascent_step
 
-__all__ = ["METHODS", "distill", "evaluate", "cf_discrepancy", "cf_terms", "empirical_cf",
+__all__ = ["METHODS", "distill", "evaluate", "cf_discrepancy", "cf_terms", "empirical_cf", "paired_cf",
            "gaussian_frequencies", "gaussian_mmd2", "ConvNet", "make_net", "mean_embedding_mmd",
            "FrequencySampler", "sampler_ascent_step", "cancelled_sampler_step", "grad_norm"]

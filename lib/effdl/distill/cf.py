@@ -40,35 +40,46 @@ def empirical_cf(f: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.
 class _PairedCF(torch.autograd.Function):
     """Both empirical CFs from one matmul and one cos/sin pass, the cos/sin reused by the backward.
 
-    Plain autograd would run two matmuls and, in the backward, evaluate sin and cos a second time
-    (the derivative of cos is −sin); it would also form the gradient of the real features, which
-    nothing needs.  Here the backward is two elementwise products and at most two matmuls: one for
-    ``t`` and, when the synthetic features require it, one for them."""
+    Autograd through two ``empirical_cf`` calls runs two matmuls and, in the backward, evaluates
+    sin and cos a second time (the derivative of cos is −sin); autograd through one stacked matmul
+    would also form a gradient for the real features, which nothing needs.  Here the backward is
+    two elementwise products per row group and one matmul per input that needs a gradient (``t``
+    for NCFM's sampler, the synthetic features); with fixed frequencies (CF) the real rows are
+    skipped altogether."""
 
     @staticmethod
     def forward(ctx, f_real, f_syn, t):
         n = f_real.shape[-2]
         f = torch.cat([f_real, f_syn], -2)                    # (..., n + k, d)
         phase = f @ t.T                                       # (..., n + k, m): ONE matmul
-        c, s = phase.cos(), phase.sin()
-        ctx.n = n
-        ctx.save_for_backward(f, t, c, s)
-        return c[..., :n, :].mean(-2), s[..., :n, :].mean(-2), c[..., n:, :].mean(-2), s[..., n:, :].mean(-2)
+        c = phase.cos()
+        s = phase.sin_()                                      # in place: the phases are not needed again
+        out = c[..., :n, :].mean(-2), s[..., :n, :].mean(-2), c[..., n:, :].mean(-2), s[..., n:, :].mean(-2)
+        need_real, _, need_t = ctx.needs_input_grad
+        # why: with fixed frequencies (CF) the backward never reads the real rows: do not keep them
+        ctx.n, ctx.lo = n, 0 if (need_real or need_t) else n
+        keep = (lambda v: v) if ctx.lo == 0 else (lambda v: v[..., n:, :].clone())   # a view would pin it all
+        ctx.save_for_backward(keep(f), t, keep(c), keep(s))
+        return out
 
     @staticmethod
     def backward(ctx, g_re_r, g_im_r, g_re_s, g_im_s):
-        f, t, c, s = ctx.saved_tensors
-        n, k = ctx.n, f.shape[-2] - ctx.n
+        f, t, c, s = ctx.saved_tensors                        # rows lo.. of the stacked features
+        n, lo = ctx.n, ctx.lo
+        k = f.shape[-2] + lo - n
+        need_real, need_syn, need_t = ctx.needs_input_grad
         # d mean_j cos(p_j) / d p_j = −sin(p_j)/n and d mean_j sin(p_j) / d p_j = cos(p_j)/n
         g_phase = torch.empty_like(c)
-        for rows, g_re, g_im, size in ((slice(None, n), g_re_r, g_im_r, n), (slice(n, None), g_re_s, g_im_s, k)):
+        groups = [(0, n, g_re_r, g_im_r), (n, n + k, g_re_s, g_im_s)] if lo == 0 else [(n, n + k, g_re_s, g_im_s)]
+        for a, b, g_re, g_im in groups:
+            rows = slice(a - lo, b - lo)
             out = g_phase[..., rows, :]                       # written in place: no concatenation
-            torch.mul(c[..., rows, :], (g_im / size).unsqueeze(-2), out=out)
-            out.addcmul_(s[..., rows, :], (g_re / size).unsqueeze(-2), value=-1)
+            torch.mul(c[..., rows, :], (g_im / (b - a)).unsqueeze(-2), out=out)
+            out.addcmul_(s[..., rows, :], (g_re / (b - a)).unsqueeze(-2), value=-1)
         m, d = t.shape
-        g_t = g_phase.reshape(-1, m).T @ f.reshape(-1, d) if ctx.needs_input_grad[2] else None
-        g_real = g_phase[..., :n, :] @ t if ctx.needs_input_grad[0] else None
-        g_syn = g_phase[..., n:, :] @ t if ctx.needs_input_grad[1] else None
+        g_t = g_phase.reshape(-1, m).T @ f.reshape(-1, d) if need_t else None
+        g_real = g_phase[..., :n, :] @ t if need_real else None
+        g_syn = g_phase[..., n - lo:, :] @ t if need_syn else None
         return g_real, g_syn, g_t
 
 

@@ -35,7 +35,7 @@ SIZES = {
     "cpu": Sizes(dataset="digits", ipcs=(1, 10), seeds=(0, 1, 2), iterations=(200, 80), dc_iterations=(10, 4),
                  eval_epochs=(250, 60), full_epochs=20, width=128, pool_size=16, cache_real=True,
                  real_per_class=64, n_freq=256, sigma=1.0, lr=(0.05, 0.01), sampler_lr=0.01,
-                 cost_repeat=3, demo_iterations=30, cpu_threads=1),
+                 cost_repeat=10, demo_iterations=30, cpu_threads=1),
     "gpu": Sizes(dataset="cifar10", ipcs=(1, 10), seeds=(0, 1, 2), iterations=(2000, 2000),
                  dc_iterations=(200, 100), eval_epochs=(1000, 1000), full_epochs=30, width=128, pool_size=16,
                  cache_real=False, real_per_class=256, n_freq=1024, sigma=1.0, lr=(0.05, 0.01), sampler_lr=0.01,
