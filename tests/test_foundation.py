@@ -242,3 +242,23 @@ def test_explorer_always_draws_static_figures(monkeypatch):
     monkeypatch.delenv("EFFDL_SITE_BUILD")
     widget = explorer(draw, static=[{"k": 3}], k=(1, 5))
     assert drawn[:3] == [1, 2, 3] and widget is not None
+
+
+def test_bench_cli_writes_table_plot_and_json_into_new_folders(tmp_path, monkeypatch):
+    """Regression: a chapter's plot() saved before --json's folder existed (FileNotFoundError)."""
+    import types
+
+    import matplotlib.pyplot as plt
+
+    from effdl.bench import __main__ as cli
+
+    fake = types.SimpleNamespace(
+        run=lambda profile, device: [{"impl": "a", "N": 2, "ms": 1.0}, {"impl": "a", "N": 4, "ms": 2.0}],
+        plot=lambda rows, path: plt.figure().savefig(path),
+    )
+    monkeypatch.setattr(cli, "CHAPTERS", {**cli.CHAPTERS, "fake": "fake_bench_module"})
+    monkeypatch.setattr(cli, "importlib", types.SimpleNamespace(import_module=lambda name: fake))
+    out = tmp_path / "new" / "dir" / "fake.json"
+    assert cli.main(["fake", "--json", str(out), "--device", "cpu"]) == 0
+    assert out.exists() and out.with_suffix(".png").exists()
+    assert json.loads(out.read_text())["results"][1]["ms"] == 2.0

@@ -35,6 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = module.run(profile, device)
     print_table(rows)
     plot_path = args.plot or (str(Path(args.json).with_suffix(".png")) if args.json else f"bench-{args.chapter}.png")
+    Path(plot_path).parent.mkdir(parents=True, exist_ok=True)  # chapter plot functions just save
     if hasattr(module, "plot"):
         module.plot(rows, plot_path)
     else:
