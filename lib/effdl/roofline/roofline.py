@@ -143,12 +143,12 @@ def attention_flops(batch: int, heads: int, seq: int, head_dim: int) -> int:
 def naive_attention_bytes(batch: int, heads: int, seq: int, head_dim: int, bytes_per_element: int = 4) -> int:
     """Traffic of :func:`naive_attention`, op by op (each op reads its inputs, writes its output).
 
-    scale q: read+write B·H·N·d; S = q Kᵀ: read 2·B·H·N·d, write B·H·N²; softmax: read+write B·H·N²;
-    O = P V: read B·H·N² + B·H·N·d, write B·H·N·d.  Total (6·N·d + 4·N²)·B·H elements.
+    S = q Kᵀ: read 2·B·H·N·d, write B·H·N²; S·scale: read+write B·H·N²; softmax: read+write B·H·N²;
+    O = P V: read B·H·N² + B·H·N·d, write B·H·N·d.  Total (4·N·d + 6·N²)·B·H elements.
     """
     _check_pos(batch=batch, heads=heads, seq=seq, head_dim=head_dim)
     bh = batch * heads
-    return bh * (6 * seq * head_dim + 4 * seq * seq) * bytes_per_element
+    return bh * (4 * seq * head_dim + 6 * seq * seq) * bytes_per_element
 
 
 def attention_layer_flops(batch: int, seq: int, d_model: int) -> int:
@@ -162,19 +162,19 @@ def attention_layer_flops(batch: int, seq: int, d_model: int) -> int:
 
 
 def naive_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """softmax(q kᵀ / √d) v, materializing the (…, N, N) score matrix.
+    """softmax(q kᵀ / √d) v, materializing the (…, N, N) score matrix, for (batch, heads, seq, head_dim).
 
-    q, k, v: (batch, heads, seq, head_dim).  A plain version for measuring: the attention chapter
-    builds and tests the real ones.
+    The attention chapter's :func:`effdl.attention.naive_attention` (the one implementation), held
+    to the 4-d shape this chapter's FLOP and byte formulas assume.
     """
+    from effdl.attention import naive_attention as attention_naive
+
     if q.ndim != 4 or q.shape != k.shape or k.shape != v.shape:
         raise ValueError(
             f"q, k, v must all be (batch, heads, seq, head_dim); got {tuple(q.shape)}, "
             f"{tuple(k.shape)}, {tuple(v.shape)}"
         )
-    scale = q.shape[-1] ** -0.5
-    scores = (q * scale) @ k.transpose(-2, -1)  # (B, H, N, N): the quadratic intermediate
-    return torch.softmax(scores, dim=-1) @ v     # (B, H, N, d)
+    return attention_naive(q, k, v)
 
 
 def attention_layer(x: torch.Tensor, w_qkv: torch.Tensor, w_out: torch.Tensor, heads: int) -> torch.Tensor:
