@@ -143,3 +143,18 @@ def test_run_meta_records_provenance():
 def test_run_meta_rejects_unknown_profile():
     with pytest.raises(ValueError, match="unknown profile"):
         run_meta("cpu", "huge")
+
+
+def test_torch_threads_sets_and_restores():
+    from effdl.measure import torch_threads
+
+    before = torch.get_num_threads()
+    with torch_threads(1):
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before
+    with pytest.raises(RuntimeError):
+        with torch_threads(1):
+            raise RuntimeError("boom")
+    assert torch.get_num_threads() == before
+    with torch_threads(None):
+        assert torch.get_num_threads() == before

@@ -22,7 +22,24 @@ from typing import Any, Callable
 
 import torch
 
-__all__ = ["BenchResult", "benchmark", "peak_memory", "count_flops", "run_meta", "resolve_device"]
+__all__ = ["BenchResult", "benchmark", "peak_memory", "count_flops", "run_meta", "resolve_device", "torch_threads"]
+
+
+@contextlib.contextmanager
+def torch_threads(n: int | None):
+    """Run the block with ``n`` torch CPU threads (``None``: leave as is), then restore the old number.
+
+    Why: every CPU op splits itself across the threads and ends when the slowest is done; for tiny
+    ops, or on a shared machine with more busy threads than cores, one thread can be many times
+    faster (the measuring chapter measures this).  Benchmarks choose, and never leak, the setting.
+    """
+    old = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:

@@ -9,7 +9,6 @@ each seed's row.  ``random`` and ``herding`` have no iterations: their cost colu
 
 from __future__ import annotations
 
-import contextlib
 import statistics
 from pathlib import Path
 
@@ -19,7 +18,7 @@ from effdl.distill.api import METHODS, distill, evaluate
 from effdl.distill.baselines import random_subset
 from effdl.distill.dc import DCStepper
 from effdl.distill.matching import FeaturePool, MatchingStepper
-from effdl.measure import benchmark, peak_memory
+from effdl.measure import benchmark, peak_memory, torch_threads
 
 __all__ = ["load", "options_for", "stepper_for", "iteration_cost", "experiment", "run", "plot", "summarize",
            "gpu_suite", "cpu_threads", "PUBLISHED"]
@@ -29,20 +28,10 @@ PUBLISHED = {("random", 1): 14.4, ("random", 10): 26.0, ("dm", 1): 26.0, ("dm", 
              ("ncfm", 1): 49.5, ("ncfm", 10): 71.8}
 
 
-@contextlib.contextmanager
-def cpu_threads(n: int | None):
-    """Run the block with ``n`` torch CPU threads, then restore the previous number.
-
-    Why: on 8×8 images every convolution is a few microseconds of work, less than what it costs
-    to wake and join a second thread; on a shared machine with more busy threads than cores, the
-    threads also wait for each other (measured here: 1 thread several times faster than 2)."""
-    old = torch.get_num_threads()
-    if n:
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
+#: the course's thread-count context (effdl.measure.torch_threads).  Why one thread for digits: on
+#: 8×8 images every convolution is a few microseconds of work, less than waking and joining a second
+#: thread costs (measured here: 1 thread several times faster than 2 on a shared machine).
+cpu_threads = torch_threads
 
 
 def load(S, device=None):

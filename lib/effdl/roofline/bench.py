@@ -22,7 +22,7 @@ from typing import Any, Sequence
 
 import torch
 
-from effdl.measure import benchmark
+from effdl.measure import benchmark, torch_threads
 from effdl.profile import sizes
 from effdl.roofline.cases import conv_case, fusion_case
 from effdl.roofline.timing import thread_check
@@ -79,9 +79,8 @@ def run(profile: str, device: torch.device) -> list[dict]:
     """
     S = sizes("measuring", profile)
     dev = torch.device(device)
-    threads = torch.get_num_threads()
     rows: list[dict] = []
-    try:
+    with torch_threads(None):  # restores the caller's thread count, whatever thread_check decides
         if dev.type == "cpu":
             tc = thread_check()
             if tc["ratio"] > 1.0:
@@ -94,8 +93,6 @@ def run(profile: str, device: torch.device) -> list[dict]:
                                                                    device=dev, progress=True)]
         rows += conv_case(S, dev)
         rows += fusion_case(S, dev)
-    finally:
-        torch.set_num_threads(threads)
     return rows
 
 

@@ -12,7 +12,7 @@ import statistics
 import torch
 from tqdm.auto import tqdm
 
-from effdl.measure import benchmark
+from effdl.measure import benchmark, torch_threads
 from effdl.profile import sizes as profile_sizes
 from effdl.tokens import kvcache
 from effdl.tokens.documents import make_documents
@@ -137,13 +137,13 @@ def kv_rows(S, *, seed: int = 0, groups=(1, 8), progress: bool = True) -> list[d
 def run(profile: str, device: torch.device) -> list[dict]:
     """Train the profile's model, then measure every method at every budget, then the KV codec."""
     S = profile_sizes("tokens", profile)
-    if device.type == "cpu" and S.threads:
-        torch.set_num_threads(S.threads)  # see Sizes.threads: steadier timings on a shared machine
-    (xtr, ytr), (xte, yte, _) = datasets(S)
-    model = build_model(S)
-    train(model, xtr, ytr, steps=S.train_steps, batch=S.train_batch, lr=S.lr, time_limit_s=S.train_time_limit_s)
-    rows = measure_methods(model, xte, yte, keeps=S.keeps, batch=S.bench_batch, repeat=S.repeat, device=device)
-    return rows + kv_rows(S)
+    # see Sizes.threads: steadier timings on a shared machine; restored afterwards
+    with torch_threads(S.threads if device.type == "cpu" else None):
+        (xtr, ytr), (xte, yte, _) = datasets(S)
+        model = build_model(S)
+        train(model, xtr, ytr, steps=S.train_steps, batch=S.train_batch, lr=S.lr, time_limit_s=S.train_time_limit_s)
+        rows = measure_methods(model, xte, yte, keeps=S.keeps, batch=S.bench_batch, repeat=S.repeat, device=device)
+        return rows + kv_rows(S)
 
 
 def plot_tradeoff(rows, axes=None):
