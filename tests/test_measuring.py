@@ -403,7 +403,7 @@ def test_attention_memory_sweep_reports_out_of_memory(monkeypatch):
     assert len(rows) == 1 and rows[0]["error"] == "out of memory" and rows[0]["peak_bytes"] is None
 
 
-def test_recorded_results_cell_works_with_a_recorded_file(monkeypatch, tmp_path, gpu_rows):
+def test_recorded_results_cell_works_with_a_recorded_file(monkeypatch, tmp_path, gpu_rows, capsys):
     """The notebook's recorded-results cell, run as if book/results/ held a GPU run."""
     import matplotlib
 
@@ -420,4 +420,11 @@ def test_recorded_results_cell_works_with_a_recorded_file(monkeypatch, tmp_path,
 
     ns = {"plt": plt}
     exec(cell, ns)
+    out = capsys.readouterr().out
+    assert "book/results/measuring-fake.json" in out and "No recorded GPU run" not in out  # provenance shown
+    assert "peak" in out
+    fig = ns["fig"]
+    texts = [t.get_text() for t in fig.texts] + [ax.get_title() for ax in fig.axes]
+    texts += [fig._suptitle.get_text()] if fig._suptitle else []
+    assert any("recorded on" in t for t in texts), texts  # the figure carries device and date
     plt.close("all")
