@@ -8,7 +8,7 @@ PORT ?= 8000
 # Never let set-up pull a CUDA torch on a CPU machine: the lock pins torch==2.13.0 (a CPU wheel here).
 PIP := $(PY) -m pip install --disable-pip-version-check -q
 
-.PHONY: setup book test student serve notebooks bench clean
+.PHONY: setup book test test-fast lint student serve notebooks bench clean
 
 $(STAMP): lib/requirements-lock.txt pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -22,8 +22,14 @@ book: setup  ## build the site, executing every chapter in the cpu profile (cach
 	EFFDL_PROFILE=cpu EFFDL_SITE_BUILD=1 $(VENV)/bin/jupyter-book build . -W -n --keep-going
 	@echo "site: $(CURDIR)/_build/html/index.html"
 
-test: setup  ## library tests, notebooks (nbmake, smoke profile), pairing check, book build, grader
+test: setup lint  ## lint, library tests, notebooks (nbmake, smoke profile), pairing check, book build, grader
 	EFFDL_PROFILE=smoke $(PY) -m pytest tests --nbmake notebooks --nbmake-timeout=600 -p no:cacheprovider
+
+test-fast: setup  ## the edit-test loop: library tests only (no notebooks, no Triton interpreter, no book build)
+	EFFDL_PROFILE=smoke $(PY) -m pytest tests -m "not slow and not interpreter" -q -p no:cacheprovider
+
+lint: setup  ## ruff: lint and import order over lib/, tests/ and .ci/
+	$(VENV)/bin/ruff check lib tests .ci
 
 student: setup  ## student notebooks (solutions removed) into $(STUDENT_DIR)
 	$(PY) -m effdl.student notebooks --out $(STUDENT_DIR)
@@ -36,7 +42,7 @@ notebooks: setup  ## regenerate notebooks/*.ipynb (and Colab links) from book/*.
 	$(PY) .ci/sync_notebooks.py
 
 bench: setup  ## every chapter's benchmark in the cpu profile, JSON into _build/bench
-	for c in measuring attention distill tokens; do EFFDL_PROFILE=cpu $(PY) -m effdl.bench $$c --json _build/bench/$$c-cpu.json || exit 1; done
+	for c in $$($(PY) -m effdl.bench --list); do EFFDL_PROFILE=cpu $(PY) -m effdl.bench $$c --json _build/bench/$$c-cpu.json || exit 1; done
 
 clean:
 	rm -rf _build dist

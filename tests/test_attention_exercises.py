@@ -9,7 +9,7 @@ import pytest
 
 import effdl.checks
 from effdl.checks import attention as checks
-from effdl.checks.core import ExerciseFailed
+from effdl.checks import ExerciseFailed
 
 NB = Path(__file__).resolve().parents[1] / "notebooks" / "attention.ipynb"
 

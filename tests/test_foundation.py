@@ -11,7 +11,7 @@ import torch
 
 from effdl import profile
 from effdl.bench.core import load_results, print_table, run_sweep, write_json
-from effdl.checks.core import ExerciseFailed, assert_close, exercise_check, require
+from effdl.checks import ExerciseFailed, assert_close, exercise_check, require
 
 
 # --- profiles ---------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from effdl.grade import grade
 from effdl.student import make_student
 
 CHECK_DEF = """\
-from effdl.checks.core import exercise_check, require
+from effdl.checks import exercise_check, require
 
 @exercise_check
 def square_check(f):

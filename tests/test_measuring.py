@@ -1,4 +1,4 @@
-"""effdl.roofline (the measuring chapter's library), its benchmark, and its exercise checks."""
+"""effdl.measuring (the measuring chapter's library), its benchmark, and its exercise checks."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import effdl.roofline as rl
-from effdl.checks.core import ExerciseFailed
+import effdl.measuring as rl
+from effdl.checks import ExerciseFailed
 from effdl.measure import count_flops, peak_memory
 from effdl.profile import sizes
 
@@ -276,7 +276,7 @@ def test_time_to_accuracy():
 
 # ------------------------------------------------------------------------------------------ bench
 def test_bench_run_and_plot(tmp_path):
-    from effdl.roofline import bench
+    from effdl.measuring import bench
 
     threads = torch.get_num_threads()
     rows = bench.run("smoke", torch.device("cpu"))
@@ -293,14 +293,14 @@ def test_bench_run_and_plot(tmp_path):
 @pytest.fixture(scope="module")
 def gpu_rows():
     """gpu_suite runs on a GPU; here its code paths run on the CPU with smoke sizes."""
-    from effdl.roofline import bench
+    from effdl.measuring import bench
 
     return bench.gpu_suite(torch.device("cpu"), SMOKE)
 
 
 def test_gpu_suite_code_paths_on_cpu(tmp_path, gpu_rows):
     from effdl.bench.core import write_json
-    from effdl.roofline import bench
+    from effdl.measuring import bench
 
     rows = gpu_rows
     cases = {r["case"] for r in rows}
@@ -393,7 +393,7 @@ def test_time_to_result_reports_medians_over_seeds():
 
 
 def test_attention_memory_sweep_reports_out_of_memory(monkeypatch):
-    import effdl.roofline.memory as mem
+    import effdl.measuring.memory as mem
 
     def oom(fn, device=None):
         raise torch.OutOfMemoryError("CUDA out of memory (simulated)")

@@ -11,7 +11,7 @@ import torch
 
 import effdl.checks
 from effdl.checks import chapter_checks
-from effdl.checks.core import ExerciseFailed
+from effdl.checks import ExerciseFailed
 
 NOTEBOOK = "notebooks/tokens.ipynb"
 

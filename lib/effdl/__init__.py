@@ -10,9 +10,19 @@ Every implementation the chapters show lives here, tested; a chapter renders the
 - :mod:`effdl.show`      — render library source in a page
 - :mod:`effdl.plot`      — small plotting helpers with labelled axes
 - :mod:`effdl.device`    — what the current accelerator supports
-- :mod:`effdl.checks`    — exercise checks; :mod:`effdl.grade` and :mod:`effdl.student` for instructors
-- technique modules: :mod:`effdl.roofline`, :mod:`effdl.attention`, :mod:`effdl.distill`,
-  :mod:`effdl.tokens`
+- :mod:`effdl.checks`    — what every exercise check shares; :mod:`effdl.grade` and
+  :mod:`effdl.student` for instructors
+- :mod:`effdl.accuracy`  — flash-attention's 2×/3× accuracy rule for low-precision kernels
+- :mod:`effdl.reference` — plain reference implementations several chapters use (naive attention)
+- :mod:`effdl.chapters`  — the chapter contract: how core code finds a chapter by its name
+- one package per chapter, ``effdl.<chapter>`` (``measuring``, ``attention``, ``distill``,
+  ``tokens``, ...), each with ``sizes``, ``bench``, ``checks``, ``plots`` and ``experiments``
 """
+
+import pkgutil as _pkgutil
+
+# why: a chapter package may also live in an ``effdl/`` folder elsewhere on ``sys.path`` (a
+# chapter in development, or the test that adds a throw-away chapter); core code finds it by name
+__path__ = _pkgutil.extend_path(__path__, __name__)
 
 __version__ = "0.1.0"

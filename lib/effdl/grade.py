@@ -3,7 +3,7 @@
 The submission runs top to bottom in a fresh kernel, in a subprocess, in a temporary directory,
 with a per-cell and a whole-notebook timeout.  Every exercise check the notebook calls appends its
 outcome to a log (``$EFFDL_GRADE_LOG``); the score is the number of the chapter's checks that passed.
-The chapter's list of checks comes from the library (``effdl.checks.<chapter>.__all__``, chapter from
+The chapter's list of checks comes from the library (``effdl.<chapter>.checks.__all__``, chapter from
 the notebook's ``effdl.chapter`` metadata), so deleting a check cell cannot raise a score.
 
 **This runs untrusted code.** Grade inside a container or a throw-away VM, never on a machine with
@@ -65,9 +65,10 @@ def expected_checks(nb: nbformat.NotebookNode) -> tuple[str | None, list[str]]:
     """(chapter, names of the checks a complete notebook passes)."""
     chapter = (nb.metadata.get("effdl") or {}).get("chapter")
     if chapter:
-        from effdl.checks import CHAPTER_MODULES, chapter_checks
+        from effdl import chapters
+        from effdl.checks import chapter_checks
 
-        if chapter in CHAPTER_MODULES:
+        if chapters.is_chapter(chapter):
             return chapter, chapter_checks(chapter)
     names = []  # no chapter metadata: fall back to the checks its `check` cells call
     for cell in nb.cells:

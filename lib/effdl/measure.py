@@ -6,6 +6,13 @@
   profiler's allocation events) or on CUDA (from the caching allocator's statistics).
 - :func:`count_flops` — floating-point operations counted by ``torch.utils.flop_counter``.
 - :func:`run_meta` — device, versions, date and profile: every recorded number carries it.
+
+The harness every chapter's benchmark shares:
+
+- :func:`interleaved` / :func:`paired_ratio` — compare versions in one run, round by round, and
+  report ratios with their spread (a drift in the machine's speed hits every version alike);
+- :func:`torch_threads`, :func:`thread_check`, :func:`cpu_thread_policy` — how many CPU threads a
+  measurement uses, decided once and always restored.
 """
 
 from __future__ import annotations
@@ -22,7 +29,9 @@ from typing import Any, Callable
 
 import torch
 
-__all__ = ["BenchResult", "benchmark", "peak_memory", "count_flops", "run_meta", "resolve_device", "torch_threads"]
+__all__ = ["BenchResult", "benchmark", "peak_memory", "count_flops", "run_meta", "resolve_device",
+           "torch_threads", "thread_check", "cpu_thread_policy", "interleaved", "paired_ratio",
+           "quartiles"]
 
 
 @contextlib.contextmanager
@@ -40,6 +49,123 @@ def torch_threads(n: int | None):
         yield
     finally:
         torch.set_num_threads(old)
+
+
+def quartiles(values) -> tuple[float, float, float]:
+    """(25th percentile, median, 75th percentile) of ``values``."""
+    values = [float(v) for v in values]
+    if not values:
+        raise ValueError("quartiles of an empty list")
+    if len(values) < 2:
+        return values[0], values[0], values[0]
+    q = statistics.quantiles(values, n=4, method="inclusive")
+    return q[0], q[1], q[2]
+
+
+def thread_check(n: int = 256, rounds: int = 30) -> dict:
+    """Is this CPU oversubscribed?  Time single calls of an n×n matmul with all of torch's threads
+    and with one, interleaved, and compare their MEAN times (ratio = all threads / one thread).
+
+    On an idle multi-core machine more threads are faster (ratio < 1).  When other jobs keep the
+    cores busy, a parallel kernel now and then waits at a barrier for a descheduled thread — a stall
+    of a whole scheduler time slice — and the ratio goes above 1.  The mean, not the median or the
+    minimum, is the criterion because occasional stalls are exactly the cost in question.  The thread
+    count is restored before returning.
+    """
+    if n < 1 or rounds < 1:
+        raise ValueError(f"need n >= 1 and rounds >= 1, got n={n}, rounds={rounds}")
+    threads = torch.get_num_threads()
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    many: list[float] = []
+    one: list[float] = []
+    with torch_threads(None):  # restores the count, whatever happens below
+        for i in range(rounds + 2):
+            for k in ((threads, 1) if i % 2 == 0 else (1, threads)):
+                torch.set_num_threads(k)
+                t0 = time.perf_counter()
+                a @ b
+                t = (time.perf_counter() - t0) * 1e3
+                if i >= 2:  # the first two rounds are warm-up
+                    (many if k == threads and threads > 1 else one).append(t)
+    many = many or one
+    return dict(threads=threads, all_threads_ms=statistics.fmean(many),
+                one_thread_ms=statistics.fmean(one), ratio=statistics.fmean(many) / statistics.fmean(one))
+
+
+@contextlib.contextmanager
+def cpu_thread_policy(device, threads: int | str | None = "auto"):
+    """The thread count a CPU measurement runs with, always restored afterwards.
+
+    ``threads``: ``None`` leaves torch's setting; an int sets it; ``"auto"`` runs
+    :func:`thread_check` and uses one thread when all threads are slower (an oversubscribed
+    machine).  On a GPU nothing changes.  Yields a dict saying what was decided (for a result row).
+    """
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    if threads is not None and threads != "auto" and (not isinstance(threads, int) or threads < 1):
+        raise ValueError(f"threads must be None, 'auto' or a positive int, got {threads!r}")
+    with torch_threads(None):
+        info: dict[str, Any] = {}
+        if dev.type == "cpu" and threads == "auto":
+            info = thread_check()
+            if info["ratio"] > 1.0:
+                torch.set_num_threads(1)
+        elif dev.type == "cpu" and threads is not None:
+            torch.set_num_threads(threads)
+        info["threads_used"] = torch.get_num_threads()
+        yield info
+
+
+def _one_call_ms(fn: Callable[[], Any], dev: torch.device) -> float:
+    """Milliseconds of one call; on CUDA bracketed by synchronizations (never just the launch)."""
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    t0 = time.perf_counter()
+    fn()
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    return (time.perf_counter() - t0) * 1e3
+
+
+def interleaved(fns: dict[str, Callable[[], Any]], *, rounds: int = 5, warmup: int = 1,
+                device: str | torch.device | None = None) -> dict[str, "BenchResult"]:
+    """Time several versions in rounds: each round calls every version once, the order rotating.
+
+    Why: on a shared machine the speed drifts (other jobs, clock boost, heat).  Timing all of A and
+    then all of B lets a drift masquerade as a difference; round by round every version sees the
+    same machine.  Returns one :class:`BenchResult` per name; ``times_ms[r]`` is round ``r``, so
+    per-round ratios (see :func:`paired_ratio`) pair measurements taken moments apart.
+    """
+    if not fns or not all(callable(f) for f in fns.values()):
+        raise TypeError("interleaved expects a non-empty dict of name -> zero-argument callable")
+    if rounds < 1 or warmup < 0:
+        raise ValueError(f"need rounds >= 1 and warmup >= 0, got rounds={rounds}, warmup={warmup}")
+    dev = resolve_device(device)
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    names = list(fns)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(rounds):
+        shift = r % len(names)  # why: rotate, so no version always runs right after another
+        for name in names[shift:] + names[:shift]:
+            times[name].append(_one_call_ms(fns[name], dev))
+    return {n: BenchResult(times_ms=t, device=str(dev), warmup=warmup, label=str(n))
+            for n, t in times.items()}
+
+
+def paired_ratio(fn_a: Callable[[], Any], fn_b: Callable[[], Any], *, warmup: int = 2,
+                 repeat: int = 10, device=None) -> dict:
+    """A's time over B's, measured interleaved: the median of the per-round ratios and its quartiles.
+
+    ``ratio < 1``: A is faster.  Each round times A and B moments apart (order alternating), so the
+    ratio of a round cancels the machine's speed at that moment; the quartiles of the ratios are the
+    spread to report with it.
+    """
+    res = interleaved({"a": fn_a, "b": fn_b}, rounds=repeat, warmup=warmup, device=device)
+    ta, tb = res["a"].times_ms, res["b"].times_ms
+    lo, med, hi = quartiles([a / b for a, b in zip(ta, tb)])
+    return dict(ratio=med, ratio_q1=lo, ratio_q3=hi, a_ms=statistics.median(ta),
+                b_ms=statistics.median(tb), a_times=ta, b_times=tb)
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:

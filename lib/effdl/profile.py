@@ -8,7 +8,7 @@ Three profiles:
 
 The profile comes from the ``EFFDL_PROFILE`` environment variable or, when it is unset, is
 detected: ``gpu`` when CUDA is usable, else ``cpu``.  Each chapter keeps a typed table of its sizes
-(a frozen dataclass per profile) in its own module and reads it through :func:`sizes`::
+(a frozen dataclass per profile) in ``effdl.<chapter>.sizes`` and reads it through :func:`sizes`::
 
     from effdl.profile import sizes
     S = sizes("attention")          # -> effdl.attention.sizes.Sizes for the current profile
@@ -17,21 +17,11 @@ detected: ``gpu`` when CUDA is usable, else ``cpu``.  Each chapter keeps a typed
 
 from __future__ import annotations
 
-import importlib
 import os
 from typing import Literal, get_args
 
 ProfileName = Literal["smoke", "cpu", "gpu"]
 PROFILES: tuple[str, ...] = get_args(ProfileName)
-
-#: chapter name -> module holding ``SIZES: dict[ProfileName, <dataclass>]``
-CHAPTER_SIZE_MODULES = {
-    "measuring": "effdl.roofline.sizes",
-    "attention": "effdl.attention.sizes",
-    "distill": "effdl.distill.sizes",
-    "tokens": "effdl.tokens.sizes",
-}
-
 
 def _cuda_usable() -> bool:
     try:
@@ -56,9 +46,11 @@ def current(explicit: str | None = None) -> ProfileName:
 
 def sizes(chapter: str, profile: str | None = None):
     """The sizes dataclass of ``chapter`` for ``profile`` (default: :func:`current`)."""
-    if chapter not in CHAPTER_SIZE_MODULES:
-        raise ValueError(
-            f"unknown chapter {chapter!r}; known chapters: {', '.join(CHAPTER_SIZE_MODULES)}"
-        )
-    module = importlib.import_module(CHAPTER_SIZE_MODULES[chapter])
-    return module.SIZES[current(profile)]
+    from effdl import chapters
+
+    table = chapters.module(chapter, "sizes").SIZES
+    name = current(profile)
+    if name not in table:
+        raise ValueError(f"effdl.{chapter}.sizes.SIZES has no {name!r} entry; give it one per profile "
+                         f"({', '.join(PROFILES)})")
+    return table[name]

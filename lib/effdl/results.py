@@ -45,6 +45,29 @@ def find_recorded(chapter: str) -> list[dict]:
     return docs
 
 
+def show_recorded(chapter: str) -> list[dict]:
+    """Every chapter shows its recorded GPU runs the same way: for each file, where it came from and
+    the chapter's figure of it (``effdl.<chapter>.plots.plot_recorded``, plus ``summarize_recorded``
+    when the chapter has one); when there is none, the sentence that says how to record one."""
+    import matplotlib.pyplot as plt
+
+    from effdl import chapters
+
+    plots = chapters.module(chapter, "plots")
+    docs = find_recorded(chapter)
+    if not docs:
+        print(describe_missing(chapter))
+    for doc in docs:
+        meta = doc["meta"]
+        print(f"{doc['path']}: {meta.get('device_name', '?')}, {str(meta.get('date', '?'))[:10]}, "
+              f"torch {meta.get('torch', '?')}")
+        plots.plot_recorded(doc)
+        plt.show()
+        if hasattr(plots, "summarize_recorded"):
+            print(plots.summarize_recorded(doc))
+    return docs
+
+
 def describe_missing(chapter: str) -> str:
     """The sentence a chapter prints when no GPU run of it has been recorded yet."""
     return (

@@ -14,7 +14,7 @@ import math
 
 import torch
 
-from effdl.attention._validate import check_qkv
+from effdl.validate import check_qkv
 from effdl.attention.softmax import SoftmaxState, init_state, merge_lse, merge_states, update_state
 
 BACKENDS = ("torch", "triton")

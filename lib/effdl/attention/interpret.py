@@ -34,7 +34,7 @@ def _run_case(case: dict) -> dict:
     import torch
 
     from effdl.attention.decode import decode_attention
-    from effdl.attention.naive import naive_attention
+    from effdl.reference import naive_attention
     from effdl.attention.triton_kernels import triton_attention
 
     kind, N, d = case["kind"], case["N"], case["d"]

@@ -99,7 +99,7 @@ def io_curves(N_list, d_list, M_list, N0: int, d0: int, M0: int):
     return fig
 
 
-def recorded(doc):
+def plot_recorded(doc):
     """The recorded GPU run: prefill TFLOP/s against N (fp16, d=128) and decode TB/s against L."""
     from effdl.plot import recorded_label
 
@@ -123,5 +123,30 @@ def recorded(doc):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.suptitle(recorded_label(doc["meta"]))
+    fig.tight_layout()
+    return fig
+
+
+def plot_bench(rows):
+    """Two panels: prefill time against N (non-causal), decode bandwidth against L."""
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
+    pre = [r for r in rows if r.get("name") == "prefill" and not r.get("causal") and "ms" in r]
+    for impl in dict.fromkeys(r["impl"] for r in pre):
+        pts = sorted((r["N"], r["ms"]) for r in pre if r["impl"] == impl)
+        a.plot(*zip(*pts), marker="o", label=impl)
+    a.set(xscale="log", yscale="log", xlabel="sequence length N", ylabel="forward time (ms)", title="prefill")
+    dec = [r for r in rows if r.get("name") == "decode" and "tbps" in r]
+    for impl in dict.fromkeys(r["impl"] for r in dec):
+        pts = sorted((r["L"], r["tbps"] * 1e3) for r in dec if r["impl"] == impl)
+        b.plot(*zip(*pts), marker="o", label=impl)
+    b.set(xscale="log", xlabel="KV cache length L", ylabel="K/V read bandwidth (GB/s)", title="decode (1 query token)")
+    for ax in (a, b):
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:  # a panel can be empty (e.g. no decode rows recorded)
+            ax.legend(fontsize=8)
+        else:
+            ax.text(0.5, 0.5, "no rows", ha="center", va="center", transform=ax.transAxes)
     fig.tight_layout()
     return fig

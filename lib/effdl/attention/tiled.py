@@ -18,7 +18,7 @@ import math
 
 import torch
 
-from effdl.attention._validate import causal_mask, check_block, check_qkv
+from effdl.validate import causal_mask, check_block, check_qkv
 
 #: Default tile sizes.  On a CPU, big tiles win: every tile costs a fixed ~10 µs per PyTorch op and
 #: small matrix products run far below the BLAS peak (see the chapter's tile-size sweep).  A

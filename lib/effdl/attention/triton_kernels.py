@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from effdl.attention._validate import check_qkv
+from effdl.validate import check_qkv
 from effdl.attention.tiled import flash2_backward
 
 LOG2E = 1.4426950408889634

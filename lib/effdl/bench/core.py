@@ -4,10 +4,13 @@ A *sweep* is a list of configurations (``x`` values), a set of implementations (
 derived unit (TFLOP/s, GB/s, tokens/s).  :func:`run_sweep` times every (config, implementation) pair
 with :func:`effdl.measure.benchmark`, optionally measures peak memory, and returns flat rows;
 :func:`print_table`, :func:`plot_rows` and :func:`write_json` turn rows into the three outputs.
+:func:`oom_guard` turns running out of memory into a row that says so, for every chapter's sweep;
+interleaved ratio timing is :func:`effdl.measure.interleaved` (re-exported here).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from pathlib import Path
@@ -16,7 +19,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from effdl.measure import benchmark, peak_memory, run_meta
+from effdl.measure import benchmark, interleaved, peak_memory, run_meta
 
 Row = dict[str, Any]
 #: An implementation factory: given a config, return a zero-argument callable to time, or ``None``
@@ -24,8 +27,34 @@ Row = dict[str, Any]
 Factory = Callable[[Mapping[str, Any]], "Callable[[], Any] | None"]
 
 
-def _is_oom(exc: BaseException) -> bool:
-    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
+__all__ = ["run_sweep", "interleaved", "is_oom", "oom_guard", "free_cached", "print_table",
+           "plot_rows", "write_json"]
+
+
+def is_oom(exc: BaseException) -> bool:
+    """Did ``exc`` come from running out of memory (CUDA's allocator, or the host's)?"""
+    return (isinstance(exc, (torch.OutOfMemoryError, MemoryError))
+            or "out of memory" in str(exc).lower())
+
+
+def free_cached(device=None) -> None:
+    """Give the CUDA caching allocator's free blocks back (a no-op on the CPU)."""
+    if device is not None and torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()
+
+
+@contextlib.contextmanager
+def oom_guard(row: dict, device=None):
+    """Run a measurement; if it runs out of memory, mark ``row["error"] = "out of memory"``,
+    free the cache and carry on (a sweep records why a point is missing instead of stopping).
+    Any other error propagates."""
+    try:
+        yield row
+    except Exception as exc:
+        if not is_oom(exc):
+            raise
+        row["error"] = "out of memory"
+        free_cached(device)
 
 
 def run_sweep(
@@ -50,9 +79,9 @@ def run_sweep(
     pairs = [(c, name, make) for c in configs for name, make in impls.items()]
     for cfg, name, make in tqdm(pairs, desc="benchmark", disable=not progress, leave=False):
         row: Row = {**cfg, impl_key: name}
-        try:
+        with oom_guard(row, device):
             fn = make(cfg)
-            if fn is None:
+            if fn is None:  # the implementation does not apply here (e.g. a missing backend)
                 continue
             res = benchmark(fn, warmup=warmup, repeat=repeat, device=device)
             row.update(ms=res.median_ms, ms_iqr=res.iqr_ms)
@@ -60,12 +89,6 @@ def run_sweep(
                 row.update(derive(cfg, res.median_ms))
             if memory:
                 row["peak_mem_bytes"] = peak_memory(fn, device=device)
-        except Exception as exc:  # keep the sweep going: record why this point is missing
-            if not _is_oom(exc):
-                raise
-            row["error"] = "out of memory"
-            if device is not None and torch.device(device).type == "cuda":
-                torch.cuda.empty_cache()
         rows.append(row)
     return rows
 
@@ -142,17 +165,4 @@ def write_json(rows: Sequence[Row], path: str | Path, *, device=None, profile=No
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(doc, indent=1, default=str) + "\n")
-    return doc
-
-
-def load_results(path: str | Path) -> dict:
-    """Read a recorded result file; a clear error when it is missing or malformed."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(
-            f"no recorded results at {path}; regenerate them with `python -m effdl.bench ... --json {path}`"
-        )
-    doc = json.loads(path.read_text())
-    if not isinstance(doc, dict) or "meta" not in doc or "results" not in doc:
-        raise ValueError(f"{path} is not an effdl result file (expected keys 'meta' and 'results')")
     return doc

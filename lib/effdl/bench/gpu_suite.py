@@ -1,6 +1,6 @@
 """``python -m effdl.bench gpu-suite --json-dir book/results``: the course's recorded GPU results.
 
-One call on an sm_80+ GPU (a few minutes): each chapter's ``gpu_suite(device)`` checks correctness of
+One call on an sm_80+ GPU (a few minutes): each chapter's ``gpu_suite(device, S)`` checks correctness of
 its GPU paths (the Triton kernels against an fp32 reference, flash-attention's 2× rule) and times the
 chapter's GPU-scale sweep.  Each chapter's rows go to ``<json-dir>/<chapter>-<gpu>.json`` with the
 device name, compute capability, torch/triton versions and date in ``meta``.  A chapter that fails is
@@ -9,7 +9,6 @@ reported and skipped; the others are still recorded.
 
 from __future__ import annotations
 
-import importlib
 import re
 import sys
 import time
@@ -18,8 +17,9 @@ from pathlib import Path
 
 import torch
 
-from effdl.bench import CHAPTERS
+from effdl import chapters as _chapters
 from effdl.bench.core import print_table, write_json
+from effdl.profile import sizes
 
 
 def gpu_slug(name: str) -> str:
@@ -30,19 +30,6 @@ def gpu_slug(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")[:24] or "gpu"
 
 
-def ratio_summary(rows: list[dict], *, key: str, impl: str, baseline: str, group: tuple[str, ...]) -> list[dict]:
-    """``impl``'s ``key`` divided by ``baseline``'s, matched on the ``group`` fields."""
-    base = {tuple(r.get(g) for g in group): r for r in rows if r.get("impl") == baseline and key in r}
-    out = []
-    for r in rows:
-        if r.get("impl") != impl or key not in r:
-            continue
-        b = base.get(tuple(r.get(g) for g in group))
-        if b and b[key]:
-            out.append({**{g: r.get(g) for g in group}, f"{impl}/{baseline}": r[key] / b[key]})
-    return out
-
-
 def main(json_dir: str | Path = "book/results", chapters: list[str] | None = None) -> int:
     if not torch.cuda.is_available():
         print("gpu-suite needs a CUDA GPU; none is available here.", file=sys.stderr)
@@ -50,14 +37,10 @@ def main(json_dir: str | Path = "book/results", chapters: list[str] | None = Non
     device = torch.device("cuda")
     slug = gpu_slug(torch.cuda.get_device_name(device))
     failures = 0
-    for chapter in chapters or list(CHAPTERS):
-        module = importlib.import_module(CHAPTERS[chapter])
-        if not hasattr(module, "gpu_suite"):
-            print(f"[{chapter}] no gpu_suite(): skipped", file=sys.stderr)
-            continue
+    for chapter in chapters or _chapters.names():
         t0 = time.perf_counter()
         try:
-            rows = module.gpu_suite(device)
+            rows = _chapters.module(chapter, "bench").gpu_suite(device, sizes(chapter, "gpu"))
         except Exception:
             failures += 1
             print(f"[{chapter}] FAILED:\n{traceback.format_exc()}", file=sys.stderr)

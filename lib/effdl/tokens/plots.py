@@ -99,3 +99,82 @@ def explore_kept(model, images, make_reducer, methods, *, titles=None, keep: flo
     out = w.interactive_output(draw, {"page": page, "method": method, "keep": budget})
     display(w.VBox([w.HBox([page, method, budget]), out]))
     return static
+
+
+def plot_tradeoff(rows, axes=None):
+    """Accuracy and batch-64 latency against the mean fraction of tokens kept, one line per method."""
+    import matplotlib.pyplot as plt
+
+    vit = [r for r in rows if r.get("method") not in ("kv", "blocks")]
+    if axes is None:
+        _, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    for method in dict.fromkeys(r["method"] for r in vit):
+        pts = sorted((r["mean_tokens_kept_frac"], r["accuracy"], r.get("ms_batch64")) for r in vit if r["method"] == method)
+        if method == "keep_all":  # one point: draw it as a reference line across the panel
+            axes[0].axhline(100 * pts[0][1], color="k", ls="--", lw=1, label="keep_all")
+            if pts[0][2] is not None:
+                axes[1].axhline(pts[0][2], color="k", ls="--", lw=1, label="keep_all")
+            continue
+        style = dict(marker="*" if method == "tcc" else "o", ms=11 if method == "tcc" else 5, label=method)
+        axes[0].plot([p[0] for p in pts], [100 * p[1] for p in pts], **style)
+        if pts[0][2] is not None:
+            axes[1].plot([p[0] for p in pts], [p[2] for p in pts], **style)
+    axes[0].set(xlabel="mean fraction of patch tokens kept", ylabel="accuracy (%)", title="accuracy vs tokens kept")
+    axes[1].set(xlabel="mean fraction of patch tokens kept", ylabel="batch-64 latency (ms)",
+                title="latency vs tokens kept", ylim=(0, None))
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    ax.figure.tight_layout()
+    return ax.figure
+
+
+def plot_kv(rows, ax=None):
+    """Attention-output error against compression ratio for the KV codec's settings."""
+    import matplotlib.pyplot as plt
+
+    kv = [r for r in rows if r.get("method") == "kv"]
+    if ax is None:
+        _, ax = plt.subplots(figsize=(5.5, 3.8))
+    for g in dict.fromkeys(r["group"] for r in kv):
+        pts = sorted((r["ratio_vs_fp16"], r["attn_rel_err"], r["bits"]) for r in kv
+                     if r["group"] == g and isinstance(r["bits"], int))
+        if pts:
+            label = "no anchors (group 1)" if g == 1 else f"anchor every {g} tokens"
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"uniform bits, {label}")
+            for x, y, b in pts:
+                ax.annotate(f"{b}b", (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    for r in kv:
+        if isinstance(r["bits"], str):
+            ax.plot(r["ratio_vs_fp16"], r["attn_rel_err"], "k*", ms=12, label=f"layer bits {r['bits']}")
+    ax.axhline(1e-2, color="gray", ls=":")
+    ax.axvline(3.5, color="gray", ls=":")
+    ax.set(xlabel="compression ratio vs fp16 (×)", ylabel="attention-output relative error", yscale="log",
+           title="KV cache: size vs error (better: lower right)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    ax.figure.tight_layout()
+    return ax.figure
+
+
+def plot_bench(rows):
+    """The CLI's figure: :func:`plot_tradeoff` and :func:`plot_kv` side by side."""
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(16, 3.8))
+    plot_tradeoff(rows, axes[:2])
+    plot_kv(rows, axes[2])
+    fig.tight_layout()
+    return fig
+
+
+def plot_recorded(doc: dict):
+    """A recorded GPU run: batch-64 latency against the fraction of tokens kept, one line per method."""
+    from effdl.bench.core import plot_rows, print_table
+    from effdl.plot import recorded_label
+
+    rows = [r for r in doc["results"] if r["method"] not in ("blocks",)]
+    print_table(rows, ["method", "keep", "mean_tokens_kept_frac", "ms_batch1", "ms_batch64", "gflops"])
+    return plot_rows(rows, x="mean_tokens_kept_frac", y="ms_batch64", line="method", logx=False,
+                     xlabel="mean fraction of patch tokens kept", ylabel="batch-64 latency (ms)",
+                     title=recorded_label(doc["meta"]))

@@ -6,7 +6,7 @@ import copy
 
 import torch
 
-from effdl.checks.core import assert_close, exercise_check, require
+from effdl.checks import assert_close, exercise_check, require
 
 __all__ = ["check_empirical_cf", "check_amplitude_phase", "check_mean_embedding_mmd", "check_herding",
            "check_minmax_step"]

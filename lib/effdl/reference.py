@@ -1,14 +1,16 @@
-"""Naive attention: materialize the (N x N) score matrix S and probabilities P.
+"""Reference implementations more than one chapter uses: the textbook (naive) attention.
 
-Memory Θ(N²) per head, HBM traffic Θ(Nd + N²): S and P are written out and read back.  It is the
-reference every faster implementation is tested against.
+Naive attention materializes the (N x N) score matrix S and probabilities P: memory Θ(N²) per head,
+HBM traffic Θ(Nd + N²) (S and P are written out and read back).  It is the reference every faster
+implementation is tested against; the attention chapter teaches it, the measuring chapter places
+it on the roofline.
 """
 
 from __future__ import annotations
 
 import torch
 
-from effdl.attention._validate import causal_mask, check_qkv
+from effdl.validate import causal_mask, check_qkv
 
 
 def naive_attention(q, k, v, causal: bool = False, scale: float | None = None) -> torch.Tensor:
@@ -31,9 +33,12 @@ def naive_attention(q, k, v, causal: bool = False, scale: float | None = None) -
 
 
 def reference_attention(q, k, v, causal: bool = False, scale: float | None = None, dtype=torch.float64):
-    """The test reference: :func:`naive_attention` computed in ``dtype`` (fp64 by default), cast back."""
-    out = naive_attention(q.to(dtype), k.to(dtype), v.to(dtype), causal=causal, scale=scale)
-    return out
+    """The test reference: :func:`naive_attention` computed in ``dtype`` (fp64 by default).
+
+    The result stays in ``dtype`` (it is not cast back to the inputs' dtype): comparing a low-precision
+    output with it measures that output's error, not the error of a rounded reference.
+    """
+    return naive_attention(q.to(dtype), k.to(dtype), v.to(dtype), causal=causal, scale=scale)
 
 
 def attention_lse(q, k, v, causal: bool = False, scale: float | None = None) -> torch.Tensor:

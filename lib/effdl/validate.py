@@ -1,4 +1,5 @@
-"""Input checks shared by every attention implementation: bad input fails early with a useful message."""
+"""Input checks shared by every attention implementation (any chapter): bad input fails early with a
+message that names the problem and the fix."""
 
 from __future__ import annotations
 

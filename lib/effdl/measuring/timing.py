@@ -5,7 +5,9 @@
 - :class:`FakeAsyncDevice` — a stand-in for a GPU stream on any machine: a launch returns at once,
   the work finishes later.  It shows why a host clock without synchronization times the launch.
 - :func:`sync_timer` — a correct timer for any asynchronous device with a ``synchronize()``.
-- :func:`paired_ratio` — compare two versions by a ratio measured in one interleaved run.
+
+Comparing two versions by a ratio measured in one interleaved run is the course's shared harness:
+:func:`effdl.measure.paired_ratio` (and :func:`effdl.measure.thread_check` for the CPU's threads).
 """
 
 from __future__ import annotations
@@ -14,10 +16,7 @@ import statistics
 import time
 from typing import Any, Callable
 
-__all__ = [
-    "naive_time", "call_times", "FakeAsyncDevice", "FakeEvent", "sync_timer", "paired_ratio",
-    "quartiles", "thread_check",
-]
+__all__ = ["naive_time", "call_times", "FakeAsyncDevice", "FakeEvent", "sync_timer"]
 
 
 def naive_time(fn: Callable[[], Any]) -> float:
@@ -34,16 +33,6 @@ def call_times(fn: Callable[[], Any], n: int = 5) -> list[float]:
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
     return [naive_time(fn) for _ in range(n)]
-
-
-def quartiles(values) -> tuple[float, float, float]:
-    """(25th percentile, median, 75th percentile)."""
-    values = list(values)
-    if len(values) < 2:
-        v = float(values[0])
-        return v, v, v
-    q = statistics.quantiles(values, n=4, method="inclusive")
-    return q[0], q[1], q[2]
 
 
 class FakeEvent:
@@ -145,74 +134,3 @@ def sync_timer(fn: Callable[[], Any], device, *, warmup: int = 3, repeat: int = 
         device.synchronize()           # why: wait for the work, not just its launch
         times.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(times)
-
-
-def _synced_time(fn: Callable[[], Any], device) -> float:
-    """Host-clock milliseconds of one call, synchronizing a CUDA device before and after."""
-    import torch
-
-    if device is not None and torch.device(device).type == "cuda":
-        torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
-        fn()
-        torch.cuda.synchronize(device)
-        return (time.perf_counter() - t0) * 1e3
-    return naive_time(fn)
-
-
-def paired_ratio(fn_a: Callable[[], Any], fn_b: Callable[[], Any], *, warmup: int = 2,
-                 repeat: int = 10, device=None) -> dict:
-    """Time A and B interleaved (A, B, A, B, …) and report the median of the per-round ratios A/B.
-
-    Why interleave: on a shared machine the speed drifts (other jobs, clock boost, heat); timing all
-    of A and then all of B lets the drift masquerade as a difference.  Rounds alternate which goes
-    first so neither always follows the other.  On CUDA every call is synchronized before and after.
-    """
-    if repeat < 1 or warmup < 0:
-        raise ValueError(f"need repeat >= 1 and warmup >= 0, got repeat={repeat}, warmup={warmup}")
-    for _ in range(warmup):
-        fn_a()
-        fn_b()
-    ta, tb = [], []
-    for i in range(repeat):
-        if i % 2 == 0:
-            ta.append(_synced_time(fn_a, device))
-            tb.append(_synced_time(fn_b, device))
-        else:
-            tb.append(_synced_time(fn_b, device))
-            ta.append(_synced_time(fn_a, device))
-    ratios = [a / b for a, b in zip(ta, tb)]
-    lo, med, hi = quartiles(ratios)
-    return dict(ratio=med, ratio_q1=lo, ratio_q3=hi, a_ms=statistics.median(ta), b_ms=statistics.median(tb),
-                a_times=ta, b_times=tb)
-
-
-def thread_check(n: int = 256, rounds: int = 30) -> dict:
-    """Is this CPU oversubscribed?  Time single calls of an n×n matmul with all of torch's threads
-    and with one, interleaved, and compare their MEAN times (ratio = all threads / one thread).
-
-    On an idle multi-core machine more threads are faster (ratio < 1).  When other jobs keep the
-    cores busy, a parallel kernel now and then waits at a barrier for a descheduled thread — a stall
-    of a whole scheduler time slice — and the ratio goes above 1.  The mean, not the median or the
-    minimum, is the criterion because occasional stalls are exactly the cost in question.  The thread
-    count is restored before returning.
-    """
-    import torch
-
-    if n < 1 or rounds < 1:
-        raise ValueError(f"need n >= 1 and rounds >= 1, got n={n}, rounds={rounds}")
-    threads = torch.get_num_threads()
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    many, one = [], []
-    try:
-        for i in range(rounds + 2):
-            for k in ((threads, 1) if i % 2 == 0 else (1, threads)):
-                torch.set_num_threads(k)
-                t = naive_time(lambda: a @ b)
-                if i >= 2:  # the first two rounds are warm-up
-                    (many if k == threads and threads > 1 else one).append(t)
-    finally:
-        torch.set_num_threads(threads)
-    many = many or one
-    return dict(threads=threads, all_threads_ms=statistics.fmean(many), one_thread_ms=statistics.fmean(one),
-                ratio=statistics.fmean(many) / statistics.fmean(one))

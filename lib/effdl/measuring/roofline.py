@@ -24,8 +24,8 @@ __all__ = [
     "matmul_flops", "matmul_bytes", "elementwise_bytes", "softmax_flops", "softmax_bytes",
     "attention_flops", "naive_attention_bytes", "attention_layer_flops",
     "naive_attention", "attention_layer",
-    "peak_compute", "bandwidths", "peak_bandwidth", "measure_roofline", "kernel_suite", "place_kernels",
-    "plot_roofline",
+    "peak_compute", "peak_matmul", "bandwidths", "peak_bandwidth", "measure_roofline",
+    "roofline_from_rows", "kernel_suite", "place_kernels", "plot_roofline",
 ]
 
 
@@ -164,10 +164,10 @@ def attention_layer_flops(batch: int, seq: int, d_model: int) -> int:
 def naive_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """softmax(q kᵀ / √d) v, materializing the (…, N, N) score matrix, for (batch, heads, seq, head_dim).
 
-    The attention chapter's :func:`effdl.attention.naive_attention` (the one implementation), held
-    to the 4-d shape this chapter's FLOP and byte formulas assume.
+    The course's one implementation, :func:`effdl.reference.naive_attention`, held to the 4-d shape
+    this chapter's FLOP and byte formulas assume.
     """
-    from effdl.attention import naive_attention as attention_naive
+    from effdl.reference import naive_attention as attention_naive
 
     if q.ndim != 4 or q.shape != k.shape or k.shape != v.shape:
         raise ValueError(
@@ -201,9 +201,10 @@ def attention_layer(x: torch.Tensor, w_qkv: torch.Tensor, w_out: torch.Tensor, h
 # --------------------------------------------------------------------------------------------------
 # Measuring the two roofs
 # --------------------------------------------------------------------------------------------------
-def peak_compute(device=None, *, n: int = 1024, dtype: torch.dtype = torch.float32,
-                 warmup: int = 2, repeat: int = 5) -> float:
-    """FLOP/s of square matmuls of side n, n/2 and n/4: the best of them, each from its fastest repeat.
+def peak_matmul(device=None, *, n: int = 1024, dtype: torch.dtype = torch.float32,
+                warmup: int = 2, repeat: int = 5) -> dict[str, float]:
+    """The fastest square matmul of side n, n/2 or n/4: ``{"m": side, "ms": time, "flops": FLOP/s}``,
+    each size timed by its fastest repeat.
 
     Why the fastest and not the median: a peak is what the machine can do; on a shared machine the
     slower repeats measure the neighbours.  Why several sizes: the largest is not always the fastest
@@ -211,13 +212,21 @@ def peak_compute(device=None, *, n: int = 1024, dtype: torch.dtype = torch.float
     """
     _check_pos(n=n)
     dev = resolve_device(device)
-    best = 0.0
+    best = {"m": 0, "ms": math.inf, "flops": 0.0}
     for m in sorted({max(1, n // 4), max(1, n // 2), n}):
         a = torch.randn(m, m, device=dev, dtype=dtype)
         b = torch.randn(m, m, device=dev, dtype=dtype)
         res = benchmark(lambda: a @ b, warmup=warmup, repeat=repeat, device=dev)
-        best = max(best, matmul_flops(m, m, m) / (res.min_ms * 1e-3))
+        flops = matmul_flops(m, m, m) / (res.min_ms * 1e-3)
+        if flops > best["flops"]:
+            best = {"m": m, "ms": res.min_ms, "flops": flops}
     return best
+
+
+def peak_compute(device=None, *, n: int = 1024, dtype: torch.dtype = torch.float32,
+                 warmup: int = 2, repeat: int = 5) -> float:
+    """Peak FLOP/s of ``dtype`` matmuls on ``device``: :func:`peak_matmul`'s best."""
+    return peak_matmul(device, n=n, dtype=dtype, warmup=warmup, repeat=repeat)["flops"]
 
 
 def bandwidths(device=None, *, mib: int = 256, warmup: int = 2, repeat: int = 5) -> dict[str, float]:
@@ -362,3 +371,14 @@ def plot_roofline(roof: Roofline, rows: Sequence[dict] = (), *, ax=None, title: 
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7, loc="lower right")
     return ax
+
+
+def roofline_from_rows(rows: Sequence[dict], dtype: str = "float32", device: str = "") -> Roofline:
+    """Rebuild the measured :class:`Roofline` from ``peak`` rows (e.g. of a recorded file)."""
+    flops = [r["gflops"] for r in rows if r.get("case") == "peak" and r["kernel"].startswith("matmul")
+             and r.get("dtype") == dtype]
+    bws = [r["gbs"] for r in rows if r.get("case") == "peak" and r["kernel"].split()[0] in ("copy", "read")]
+    if not flops or not bws:
+        raise ValueError(f"no peak rows for dtype {dtype!r} and copy in these results; "
+                         f"dtypes present: {sorted({r.get('dtype') for r in rows if r.get('case') == 'peak'})}")
+    return Roofline(max(flops) * 1e9, max(bws) * 1e9, device=device, dtype=dtype)

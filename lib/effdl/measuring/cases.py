@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from effdl.measure import benchmark, count_flops, resolve_device
-from effdl.roofline.roofline import arithmetic_intensity, bytes_per_element, elementwise_bytes
+from effdl.measuring.roofline import arithmetic_intensity, bytes_per_element, elementwise_bytes
 
 __all__ = [
     "conv_flops", "conv_variants", "conv_case", "gelu_unfused", "gelu_fused", "fusion_case",

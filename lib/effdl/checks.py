@@ -1,6 +1,8 @@
 """Exercise checks: the machinery every chapter's checks share.
 
-A check is a function ``check(student_fn) -> None`` decorated with :func:`exercise_check`.  It
+Each chapter keeps its checks in ``effdl.<chapter>.checks`` (its ``__all__`` lists them); a notebook
+calls them as ``checks.check_online_softmax(my_online_softmax)`` after
+``from effdl.attention import checks``.  A check is a function ``check(student_fn) -> None`` decorated with :func:`exercise_check`.  It
 calls the student's function on random inputs, compares with the library's reference, and either
 prints a one-line success or raises :class:`ExerciseFailed` with a message that helps (what input,
 what was expected, what came back).  Every outcome is also appended, as one JSON line, to the file
@@ -17,9 +19,16 @@ from typing import Any, Callable
 
 import torch
 
-__all__ = ["ExerciseFailed", "exercise_check", "assert_close", "require"]
+__all__ = ["ExerciseFailed", "exercise_check", "assert_close", "require", "chapter_checks"]
 
 GRADE_LOG_ENV = "EFFDL_GRADE_LOG"
+
+
+def chapter_checks(chapter: str) -> list[str]:
+    """Names of the checks of one chapter: ``effdl.<chapter>.checks.__all__``."""
+    from effdl import chapters
+
+    return list(chapters.module(chapter, "checks").__all__)
 
 
 class ExerciseFailed(AssertionError):

@@ -1,37 +1,25 @@
 """Memory: peak bytes, parameters vs activations, and why naive attention runs out of memory.
 
-:func:`peak_bytes` is :func:`effdl.measure.peak_memory`: on the CPU it replays the profiler's raw
+Peaks are measured with :func:`effdl.measure.peak_memory`: on the CPU it replays the profiler's raw
 allocation records (each allocation and free with its own time stamp), so a temporary allocated and
 freed *inside* one op (autograd's backward nodes do this) still counts.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
-import os
-import sys
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 import torch
 
+from effdl.bench.core import oom_guard
 from effdl.measure import peak_memory, resolve_device
+from effdl.reference import naive_attention
 
 __all__ = [
-    "peak_bytes", "parameter_bytes", "make_mlp", "training_step", "mlp_activation_bytes",
+    "parameter_bytes", "make_mlp", "training_step", "mlp_activation_bytes",
     "training_memory_sweep", "attention_scores_bytes", "attention_memory_sweep", "max_seq_len_for_memory",
 ]
-
-
-def peak_bytes(fn: Callable[[], Any], device=None) -> int:
-    """Peak bytes of tensors allocated while ``fn()`` runs, above what was live before.
-
-    The chapter's name for :func:`effdl.measure.peak_memory` (CUDA: the allocator's statistics; CPU:
-    the profiler's allocation records replayed in time order).
-    """
-    if not callable(fn):
-        raise TypeError(f"peak_bytes expects a callable taking no arguments, got {type(fn).__name__}")
-    return peak_memory(fn, device=resolve_device(device))
 
 
 def parameter_bytes(model: torch.nn.Module) -> int:
@@ -82,7 +70,7 @@ def training_memory_sweep(width: int, depth: int, batches: Sequence[int], device
         x = torch.randn(b, width, device=dev)
         model.zero_grad(set_to_none=True)  # why: the step then allocates its gradients, as a first step does
         rows.append(dict(
-            batch=b, peak_bytes=peak_bytes(training_step(model, x), dev),
+            batch=b, peak_bytes=peak_memory(training_step(model, x), dev),
             parameter_bytes=parameter_bytes(model), activation_bytes=mlp_activation_bytes(b, width, depth),
         ))
     return rows
@@ -100,23 +88,16 @@ def attention_memory_sweep(seqs: Sequence[int], *, batch: int = 1, heads: int = 
     A length that runs out of memory gets ``peak_bytes=None`` and ``error="out of memory"``, and the
     sweep stops there (longer ones would fail too).
     """
-    from effdl.roofline.roofline import naive_attention
-
     dev = resolve_device(device)
     e = torch.empty((), dtype=dtype).element_size()
     rows = []
     for n in seqs:
         row = dict(seq=n, peak_bytes=None, scores_bytes=attention_scores_bytes(batch, heads, n, e),
                    qkv_bytes=3 * batch * heads * n * head_dim * e)
-        try:
+        with oom_guard(row, dev):
             q, k, v = (torch.randn(batch, heads, n, head_dim, device=dev, dtype=dtype) for _ in range(3))
-            row["peak_bytes"] = peak_bytes(lambda: naive_attention(q, k, v), dev)
-        except (torch.OutOfMemoryError, MemoryError):
-            row["error"] = "out of memory"
-        finally:
-            q = k = v = None
-            if dev.type == "cuda":
-                torch.cuda.empty_cache()
+            row["peak_bytes"] = peak_memory(lambda: naive_attention(q, k, v), dev)
+        q = k = v = None  # why: free this length's inputs before allocating the next
         rows.append(row)
         if "error" in row:
             break

@@ -7,7 +7,7 @@ import time
 
 import torch
 
-from effdl.checks.core import assert_close, exercise_check, require
+from effdl.checks import assert_close, exercise_check, require
 
 def _f64(x) -> torch.Tensor:
     """A float64 scalar tensor (``torch.as_tensor`` of a Python float would round it to float32)."""
@@ -26,7 +26,7 @@ __all__ = [
 @exercise_check
 def check_async_timer(time_on_device) -> None:
     """``time_on_device(fn, device) -> float``: median ms of ``fn()`` on an asynchronous device."""
-    from effdl.roofline.timing import FakeAsyncDevice
+    from effdl.measuring.timing import FakeAsyncDevice
 
     rng = random.Random(0)
     for n_kernels in (1, 3):
@@ -59,7 +59,7 @@ def check_async_timer(time_on_device) -> None:
 @exercise_check
 def check_matmul_intensity(student) -> None:
     """``matmul_intensity(m, n, k, bytes_per_element) -> float`` FLOP/byte of (m,k) @ (k,n)."""
-    from effdl.roofline.roofline import arithmetic_intensity, matmul_bytes, matmul_flops
+    from effdl.measuring.roofline import arithmetic_intensity, matmul_bytes, matmul_flops
 
     rng = random.Random(1)
     cases = [(1, 1, 1, 4), (1, 4096, 4096, 2), (97, 33, 1025, 4), (4096, 4096, 4096, 2)]
@@ -74,7 +74,7 @@ def check_matmul_intensity(student) -> None:
 @exercise_check
 def check_roofline_time(student) -> None:
     """``roofline_time(flops, nbytes, peak_flops, peak_bandwidth) -> float`` lower bound in seconds."""
-    from effdl.roofline.roofline import Roofline
+    from effdl.measuring.roofline import Roofline
 
     rng = random.Random(2)
     for _ in range(12):
@@ -92,7 +92,7 @@ def check_roofline_time(student) -> None:
 def check_attention_layer_flops(student) -> None:
     """``attention_layer_flops(batch, seq, d_model) -> int``: projections + attention matmuls."""
     from effdl.measure import count_flops
-    from effdl.roofline.roofline import attention_layer, attention_layer_flops as reference
+    from effdl.measuring.roofline import attention_layer, attention_layer_flops as reference
 
     g = torch.Generator().manual_seed(3)
     for b, n, d_model, heads in ((1, 7, 8, 2), (2, 33, 24, 3), (3, 97, 64, 4), (1, 128, 48, 1)):

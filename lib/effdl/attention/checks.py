@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from effdl.checks.core import assert_close, exercise_check, require
+from effdl.checks import assert_close, exercise_check, require
 
 __all__ = [
     "check_online_softmax",
@@ -130,7 +130,7 @@ def check_tile_sizes(choose):
 def check_split_kv_merge(merge):
     """``merge(outs (S, ..., dv), lses (S, ...)) -> out (..., dv)``: combine per-split normalized outputs."""
     from effdl.attention.decode import split_kv_partials
-    from effdl.attention.naive import reference_attention
+    from effdl.reference import reference_attention
 
     g = _gen(3)
     for S, L, nq in [(1, 50, 1), (4, 513, 1), (7, 130, 3)]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from effdl.checks.core import assert_close, exercise_check, require
+from effdl.checks import assert_close, exercise_check, require
 from effdl.tokens import kvcache, reducers
 from effdl.tokens.vit import block_flops
 
