@@ -97,8 +97,9 @@ def _gpu_checks(device, dtypes=("float16",)) -> list[dict]:
 
 
 def gpu_suite(device, S) -> list[dict]:
-    """Checks, then prefill at N in {1k, 4k, 16k} and decode at L in {4k, 32k, 128k} (fixed GPU
-    sizes, as in FlashAttention's benchmarks; ``S`` is the ``gpu`` profile's, unused here)."""
+    """Checks, then prefill at N in {1k, 4k, 16k} (16k tokens per batch, hidden size 2048, as in
+    FlashAttention's benchmarks) and decode at ``S.decode_L`` with ``S.decode_batch`` sequences of
+    ``S.decode_heads`` heads, d = 128; ``S.warmup`` and ``S.repeat`` calls per point."""
     device = torch.device(device)
     from effdl.device import capabilities
 
@@ -118,10 +119,10 @@ def gpu_suite(device, S) -> list[dict]:
                      for n, f in impls.items()}
             rows += prefill_rows([1024, 4096, 16384], d=d, batch=lambda N: max(1, 16384 // N),
                                  heads=2048 // d, device=device, impls=impls, causal=(False, True),
-                                 dtype=dt, warmup=3, repeat=10, progress=False)
+                                 dtype=dt, warmup=S.warmup, repeat=S.repeat, progress=False)
     dec = (["naive", "torch_split_kv"] + (["triton_split_kv"] if triton_ok else [])
            + list(SDPA_BACKENDS))
-    rows += decode_rows([4096, 32768, 131072], d=128, batch=8, heads=32, device=device,
-                        impls=decode_impls(device, dec), dtype="float16", warmup=3, repeat=10,
-                        progress=False)
+    rows += decode_rows(list(S.decode_L), d=128, batch=S.decode_batch, heads=S.decode_heads,
+                        device=device, impls=decode_impls(device, dec), dtype="float16",
+                        warmup=S.warmup, repeat=S.repeat, progress=False)
     return rows

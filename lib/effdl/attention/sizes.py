@@ -11,7 +11,7 @@ class Sizes:
     heads: int
     head_dim: int
     seq_lens: tuple[int, ...]                 # prefill sweep: naive / tiled / SDPA time and peak memory
-    target_N: int                             # the CPU target point (tiled vs SDPA vs naive)
+    target_N: int                             # the largest N: tiled vs SDPA vs naive compared there
     tile_N: int                               # sequence length of the tile-size sweep
     tiles: tuple[tuple[int, int], ...]        # (block_q, block_k) pairs of the sweep
     matmul_tiles: tuple[int, ...]             # square tile sides of the matmul-efficiency sweep

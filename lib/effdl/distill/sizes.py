@@ -24,7 +24,9 @@ class Sizes:
     sampler_lr: float               # Adam learning rate of NCFM's frequency sampler
     cost_repeat: int                # timed iterations per method for sec/iter
     demo_iterations: int            # the CF / sampler demonstration cells
-    cpu_threads: int | None         # torch threads on the CPU (None: leave as is); see bench.cpu_threads
+    # torch threads on the CPU (None: leave as is).  Why 1: on 8×8 images every convolution is a
+    # few microseconds of work, less than waking and joining a second thread costs
+    cpu_threads: int | None
 
 
 SIZES = {
