@@ -166,11 +166,13 @@ def test_a_new_chapter_is_found_by_name(toy_chapter):
     assert chapter_checks("toy") == ["check_double"]
 
 
-def test_a_new_chapter_runs_in_the_bench_command(toy_chapter, tmp_path):
+def test_a_new_chapter_runs_in_the_bench_command(toy_chapter, tmp_path, capsys):
+    from effdl.bench.__main__ import main
+
+    assert main(["--list"]) == 0
+    assert "toy" in capsys.readouterr().out.split()
+    # a fresh process finds the chapter through effdl/__init__.py's extend_path alone
     env = {**os.environ, "EFFDL_PROFILE": "smoke", "MPLBACKEND": "Agg"}
-    listed = subprocess.run([sys.executable, "-m", "effdl.bench", "--list"], env=env, capture_output=True,
-                            text=True, timeout=120)
-    assert "toy" in listed.stdout.split(), listed.stderr
     out = tmp_path / "toy.json"
     proc = subprocess.run([sys.executable, "-m", "effdl.bench", "toy", "--device", "cpu", "--json", str(out)],
                           env=env, capture_output=True, text=True, timeout=120)
@@ -192,7 +194,7 @@ def test_a_new_chapter_is_graded_and_gets_a_student_version(toy_chapter, tmp_pat
     (student,) = write_student_versions(good, tmp_path / "student")
     nb = nbformat.read(student, as_version=4)
     assert not any("return 2 * x" in c.source for c in nb.cells)
-    assert grade(student, cell_timeout=120, total_timeout=300).score == 0
+    assert any("raise NotImplementedError" in c.source for c in nb.cells)
 
 
 # ------------------------------------------------------------------------ every chapter's bench
@@ -209,7 +211,9 @@ def test_bench_run_and_plot_at_smoke_sizes(chapter):
     plt.close(fig)
 
 
-def test_bench_cli_rejects_an_unknown_chapter():
-    proc = subprocess.run([sys.executable, "-m", "effdl.bench", "atention"], capture_output=True, text=True,
-                          timeout=120)
-    assert proc.returncode == 2 and "unknown chapter 'atention'" in proc.stderr
+def test_bench_cli_rejects_an_unknown_chapter(capsys):
+    from effdl.bench.__main__ import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["atention"])
+    assert exc.value.code == 2 and "unknown chapter 'atention'" in capsys.readouterr().err

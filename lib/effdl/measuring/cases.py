@@ -13,7 +13,8 @@ from __future__ import annotations
 import io
 import math
 import time
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -253,7 +254,7 @@ def time_to_accuracy(batch_size: int, *, lr: float = 0.05, target: float = 0.95,
     train_s = 0.0
     t_start = time.perf_counter()
     reached, acc, epoch = None, 0.0, 0
-    for epoch in range(1, max_epochs + 1):
+    for epoch in range(1, max_epochs + 1):  # noqa: B007 - `epoch` is reported after the loop
         perm = torch.randperm(len(ytr), generator=g)
         t0 = time.perf_counter()
         for i in range(0, len(ytr), batch_size):

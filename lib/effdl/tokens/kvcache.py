@@ -42,7 +42,13 @@ _HEAD = struct.Struct("<4sBBIIIIHI")  # magic, version, flags, L, H, T, d, group
 
 def corpus_tokens(n: int, seed: int = 0) -> torch.Tensor:
     """``n`` byte tokens of English text: docstrings of Python's standard library, offline."""
-    import collections, functools, inspect, itertools, json, string, textwrap  # noqa: E401
+    import collections  # noqa: E401
+    import functools
+    import inspect
+    import itertools
+    import json
+    import string
+    import textwrap
 
     text = " ".join(inspect.getdoc(m) or "" for m in (json, textwrap, functools, collections, itertools, string,
                                                       inspect, math, struct, zlib))
@@ -259,13 +265,17 @@ def decompress(blob: bytes) -> tuple[torch.Tensor, torch.Tensor]:
     C = H * d
     try:
         off = 0
-        lo, hi = struct.unpack_from("<ii", body, off); off += 8
-        bits = list(body[off:off + L]); off += L
+        lo, hi = struct.unpack_from("<ii", body, off)
+        off += 8
+        off += L  # the per-layer bit widths: the quantizer steps below already encode them
         n_steps = 2 * L * T
-        steps = np.frombuffer(body, "<f2", n_steps, off).astype(np.float32).reshape(2 * L, T); off += 2 * n_steps
+        steps = np.frombuffer(body, "<f2", n_steps, off).astype(np.float32).reshape(2 * L, T)
+        off += 2 * n_steps
         n_sc = 2 * L * 2 * C
-        scales = np.frombuffer(body, "<f2", n_sc, off).astype(np.float64).reshape(2 * L, 2, C); off += 2 * n_sc
-        (n_stream,) = struct.unpack_from("<I", body, off); off += 4
+        scales = np.frombuffer(body, "<f2", n_sc, off).astype(np.float64).reshape(2 * L, 2, C)
+        off += 2 * n_sc
+        (n_stream,) = struct.unpack_from("<I", body, off)
+        off += 4
         stream = np.frombuffer(body, np.uint32, n_stream // 4, off)
     except (struct.error, ValueError) as exc:
         raise ValueError(f"KV blob is malformed: {exc}") from None
