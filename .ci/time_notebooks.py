@@ -23,7 +23,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def time_notebook(path: Path, timeout: int) -> dict:
     nb = nbformat.read(path, as_version=4)
-    client = NotebookClient(nb, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}})
+    client = NotebookClient(
+        nb,
+        timeout=timeout,
+        kernel_name="python3",
+        resources={"metadata": {"path": str(path.parent)}},  # the kernel's cwd
+    )
     t0 = time.perf_counter()
     status = "ok"
     try:
@@ -54,7 +59,11 @@ def main(argv=None) -> int:
     rows = []
     for p in paths:
         row = time_notebook(p, args.timeout)
-        print(f"{row['notebook']:>12}: {row['seconds']:7.1f} s  (slowest cell {row['slowest_cell_seconds']:.1f} s)  {row['status']}", flush=True)
+        print(
+            f"{row['notebook']:>12}: {row['seconds']:7.1f} s"
+            f"  (slowest cell {row['slowest_cell_seconds']:.1f} s)  {row['status']}",
+            flush=True,
+        )
         rows.append(row)
     out = ROOT / "book" / "results" / f"notebook-timings-{args.profile}.json"
     write_json(rows, out, profile=args.profile, command=" ".join([Path(sys.argv[0]).name, *sys.argv[1:]]))

@@ -150,3 +150,159 @@ def test_book_builds_without_warnings(tmp_path):
         assert links == {(REPO_URL.split("github.com/")[1], BRANCH, f"notebooks/{stem}.ipynb")}, links
         assert "colab.research.google.com/github" not in page.split('<main', 1)[0], "JB's own Colab button is back"
     assert "bibliography" in (html / "book" / "bibliography.html").read_text().lower()
+
+
+# ------------------------------------------------------------------ one anatomy for every chapter
+# book/_template.md is the anatomy a new chapter copies (STYLE.md: "One anatomy everywhere"):
+# goals and prerequisites on top, the naive version -> its cost -> the idea -> the optimized version
+# -> the same measurement, then every exercise in one section, a summary and further reading.
+ANATOMY = ("The naive version", "What it costs", "The idea", "The optimized version",
+           "The same measurement again", "Exercises", "Summary", "Further reading")
+END = ("Exercises", "Summary", "Further reading")
+TEMPLATE = ROOT / "book" / "_template.md"
+BIB_KEYS = set(re.findall(r"^@\w+\{([^,\s]+),", (ROOT / "book" / "references.bib").read_text(), re.M))
+CITE = re.compile(r"\{cite(?::\w+)?\}`([^`]+)`")
+FENCE = re.compile(r"^(`{3,}|:{3,})\s*(.*)$")
+# Words of the project's process, never of a lesson (STYLE.md: "A lesson, not a lab report").
+PROCESS_WORDS = re.compile(r"\b(issues?|targets?|met|acceptance|tasks?|todo)\b", re.IGNORECASE)
+# Legitimate lesson uses of those words, matched against the line: none needed today. Keep it short.
+PROCESS_WORDS_ALLOWED: tuple[str, ...] = ()
+
+
+def _anatomy_chapters() -> list[str]:
+    from effdl import chapters
+
+    return chapters.names()
+
+
+def _parse(text: str) -> dict:
+    """A MyST notebook's outline: `## ` headings, directives and code cells (with their line numbers),
+    its prose (markdown and directive bodies) and its code, fences and front matter understood."""
+    lines = text.splitlines()
+    start = 0
+    if lines and lines[0] == "---":  # front matter
+        start = lines.index("---", 1) + 1
+    out = {"headings": [], "directives": [], "cells": [], "prose": [], "code": []}
+    fence = None  # (marker, is_code_cell) while inside a fenced block
+    for no, line in enumerate(lines[start:], start + 1):
+        m = FENCE.match(line)
+        if fence is None and m and m.group(2):
+            info = m.group(2)
+            fence = (m.group(1), info.startswith("{code-cell}"))
+            if fence[1]:
+                out["cells"].append({"line": no, "tags": [], "source": []})
+            elif info.startswith("{"):
+                out["directives"].append((no, info.split("}", 1)[0] + "}"))
+            continue
+        if fence is not None and line.strip() == fence[0]:
+            fence = None
+            continue
+        if fence is not None and fence[1]:
+            cell = out["cells"][-1]
+            if line.startswith(":tags:"):
+                cell["tags"] = re.findall(r"[\w-]+", line.split(":", 2)[2])
+            else:
+                cell["source"].append(line)
+            continue
+        if fence is None and line.startswith("## "):
+            out["headings"].append((no, line[3:].strip()))
+        if not line.startswith("%"):  # MyST comments never reach the page
+            out["prose"].append((no, line))
+    for cell in out["cells"]:
+        cell["source"] = "\n".join(cell["source"])
+    return out
+
+
+def _code_strings(source: str) -> list[str]:
+    """What a code cell shows as text: its string literals (printed messages, labels, figure titles)
+    and its comments. Dictionary look-ups such as `row["target"]` are names, not text."""
+    import ast
+    import io
+    import tokenize
+
+    code = "\n".join(ln[: len(ln) - len(ln.lstrip())] + "pass" if ln.lstrip().startswith(("%", "!")) else ln
+                     for ln in source.splitlines())  # IPython magics: not Python, and not shown text
+    tree = ast.parse(code)
+    keys = {id(n.slice) for n in ast.walk(tree) if isinstance(n, ast.Subscript)}
+    found = [n.value for n in ast.walk(tree)
+             if isinstance(n, ast.Constant) and isinstance(n.value, str) and id(n) not in keys]
+    found += [t.string for t in tokenize.generate_tokens(io.StringIO(code).readline) if t.type == tokenize.COMMENT]
+    return found
+
+
+def _check_anatomy(path: Path) -> dict:
+    text = path.read_text()
+    doc = _parse(text)
+    name = path.relative_to(ROOT)
+    headings = [h for _, h in doc["headings"]]
+    assert headings, f"{name} has no `## ` sections"
+    first = doc["headings"][0][0]
+    top = "\n".join(line for no, line in doc["prose"] if no < first)
+    assert "**You will**" in top, f"{name}: a **You will** list of learning goals belongs before the first section"
+    assert "**Prerequisites:**" in top, f"{name}: a **Prerequisites:** line belongs before the first section"
+    assert re.search(r"\*\*You will\*\*\s*\n\s*\n- ", top), f"{name}: **You will** is followed by a list"
+    assert tuple(headings[-3:]) == END, f"{name}: the last sections must be {END}, not {headings[-3:]}"
+    (ex_line, sum_line, read_line) = [no for no, h in doc["headings"][-3:]]
+    exercises = [no for no, d in doc["directives"] if d == "{exercise}"]
+    solutions = [no for no, d in doc["directives"] if d == "{solution}"]
+    assert exercises, f"{name} has no {{exercise}}"
+    outside = [no for no in exercises + solutions if not ex_line < no < sum_line]
+    assert not outside, f"{name}: exercises go in the `## Exercises` section only (lines {outside})"
+    tagged = [c for c in doc["cells"] if {"exercise", "solution", "check"} & set(c["tags"])]
+    outside = [c["line"] for c in tagged if not ex_line < c["line"] < sum_line]
+    assert not outside, f"{name}: exercise, solution and check cells go in `## Exercises` (lines {outside})"
+    reading = "\n".join(line for no, line in doc["prose"] if no > read_line)
+    assert CITE.search(reading), f"{name}: `## Further reading` cites the bibliography ({{cite:t}}`key`)"
+    return doc
+
+
+def test_template_has_the_anatomy_and_is_never_built():
+    doc = _check_anatomy(TEMPLATE)
+    assert tuple(h for _, h in doc["headings"]) == ANATOMY
+    tags = [c["tags"] for c in doc["cells"] if {"exercise", "solution", "check"} & set(c["tags"])]
+    assert tags == [["exercise"], ["solution", "hide-input"], ["check"]], tags
+    check = next(c["source"] for c in doc["cells"] if "check" in c["tags"])
+    assert re.match(r"checks\.\w+\(", check)
+    assert "from effdl.NAME import checks" in TEMPLATE.read_text()
+    assert [d for _, d in doc["directives"] if d in ("{exercise}", "{solution}")] == ["{exercise}", "{solution}"]
+    # never a page, never a chapter notebook
+    toc_files = {c["file"] for part in TOC["parts"] for c in part["chapters"]} | {TOC["root"]}
+    assert "book/_template" not in toc_files
+    assert "book/_template.md" in CONFIG["exclude_patterns"]
+    sys.path.insert(0, str(ROOT / ".ci"))
+    try:
+        import sync_notebooks
+    finally:
+        sys.path.remove(str(ROOT / ".ci"))
+    assert TEMPLATE not in sync_notebooks.chapter_sources()
+    assert not (ROOT / "notebooks" / "_template.ipynb").exists()
+
+
+@pytest.mark.parametrize("stem", _anatomy_chapters())
+def test_chapter_follows_the_anatomy(stem):
+    path = ROOT / "book" / f"{stem}.md"
+    _check_anatomy(path)
+    text = path.read_text()
+    assert "FILL IN" not in text, f"book/{stem}.md still has a placeholder of the template"
+    missing = sorted({k.strip() for keys in CITE.findall(text) for k in keys.split(",")} - BIB_KEYS)
+    assert not missing, f"book/{stem}.md cites keys missing from book/references.bib: {missing}"
+
+
+@pytest.mark.parametrize("stem", _anatomy_chapters())
+def test_chapter_has_no_process_words(stem):
+    """What the page shows (prose, and the strings and comments of code) teaches; it never reports on
+    the project ("target met", "the issue", "acceptance")."""
+    doc = _parse((ROOT / "book" / f"{stem}.md").read_text())
+    shown = [(f"line {no}", line) for no, line in doc["prose"]]
+    shown += [(f"cell at line {c['line']}", s) for c in doc["cells"] for s in _code_strings(c["source"])]
+    hits = [(where, s.strip()) for where, s in shown
+            if PROCESS_WORDS.search(s) and not any(a in s for a in PROCESS_WORDS_ALLOWED)]
+    assert not hits, f"book/{stem}.md: words of the project's process, not of the lesson: {hits[:5]}"
+
+
+def test_process_word_rule_sees_prose_strings_and_comments():
+    """Regression guard for the rule above: each place a word can hide is seen; look-ups are not."""
+    doc = _parse("# T\n\nThe target point.\n\n```{code-cell} ipython3\nprint(f'the issue: {x}')  # TODO\n"
+                 "y = row['target']\n```\n")
+    assert [line for _, line in doc["prose"] if PROCESS_WORDS.search(line)] == ["The target point."]
+    assert [s for s in _code_strings(doc["cells"][0]["source"]) if PROCESS_WORDS.search(s)] == ["the issue: ", "# TODO"]

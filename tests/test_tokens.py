@@ -328,3 +328,80 @@ def test_layer_bits():
     assert kvcache.layer_bits(4) == [6, 5, 5, 5]
     assert kvcache.layer_bits(1) == [6]
     assert kvcache.layer_bits(4, early=8, late=4, early_frac=0.5) == [8, 8, 4, 4]
+
+
+# ---------------------------------------------------------------- benchmark rows, TCC summary
+@pytest.fixture(scope="module")
+def smoke_rows():
+    from effdl.measure import torch_threads
+    from effdl.profile import sizes
+    from effdl.tokens import bench
+
+    with torch_threads(1):  # why: tiny ops on a shared machine are many times faster on one thread
+        return bench.run(sizes("tokens", "smoke"), torch.device("cpu"))
+
+
+def test_bench_rows_hold_every_method_and_the_kv_codec(smoke_rows):
+    vit = [r for r in smoke_rows if r["method"] != "kv"]
+    kv = [r for r in smoke_rows if r["method"] == "kv"]
+    assert {r["method"] for r in vit} == set(REDUCERS) == {"keep_all", "random_drop", "pool", "evit", "tome",
+                                                            "lat", "tcc"}
+    for r in vit:
+        assert {"method", "mean_tokens_kept_frac", "accuracy", "ms_batch1", "ms_batch64", "gflops"} <= set(r)
+        assert 0 < r["mean_tokens_kept_frac"] <= 1 and 0 <= r["accuracy"] <= 1 and r["ms_batch64"] > 0
+    keep_all = next(r for r in vit if r["method"] == "keep_all")
+    assert keep_all["mean_tokens_kept_frac"] == 1.0
+    assert all(r["gflops"] <= keep_all["gflops"] * (1 + 1e-9) for r in vit)  # fewer tokens, fewer FLOPs
+    assert kv and all({"method", "bits", "group", "ratio_vs_fp16", "attn_rel_err"} <= set(r) for r in kv)
+    assert all(r["ratio_vs_fp16"] > 1 for r in kv)
+
+
+def test_tcc_summary_reads_rows():
+    from effdl.tokens.experiments import tcc_summary
+
+    rows = [
+        {"method": "keep_all", "keep": 1.0, "mean_tokens_kept_frac": 1.0, "accuracy": 0.99, "ms_batch64": 100.0},
+        {"method": "tcc", "keep": 0.5, "mean_tokens_kept_frac": 0.45, "accuracy": 0.985, "ms_batch64": 55.0},
+        {"method": "tcc", "keep": 0.7, "mean_tokens_kept_frac": 0.65, "accuracy": 0.99, "ms_batch64": 70.0},
+        {"method": "evit", "keep": 0.5, "mean_tokens_kept_frac": 0.5, "accuracy": 0.99, "ms_batch64": 50.0},
+        {"method": "evit", "keep": 0.25, "mean_tokens_kept_frac": 0.25, "accuracy": 0.995, "ms_batch64": 30.0},
+        {"method": "kv", "bits": 5, "group": 8, "ratio_vs_fp16": 3.9, "attn_rel_err": 7e-3},
+        {"method": "kv", "bits": 4, "group": 8, "ratio_vs_fp16": 5.0, "attn_rel_err": 2e-2},
+    ]
+    out = tcc_summary(rows)
+    assert all({"comparison", "value", "unit"} <= set(r) for r in out)
+    assert not any("met" in r or "pass" in r for r in out)  # numbers, no verdicts
+    by = {r["comparison"]: r for r in out}
+    # the TCC row keeping <= 50% of the tokens (45%), not the more accurate one at 65%
+    assert by["TCC accuracy - keep-all accuracy"]["kept_frac"] == 0.45
+    assert by["TCC accuracy - keep-all accuracy"]["value"] == pytest.approx(100 * (0.985 - 0.99))
+    # EViT interpolated at TCC's 45%: 0.995 + (0.99 - 0.995) * 0.8 = 0.991
+    assert by["TCC accuracy - evit accuracy, same budget"]["value"] == pytest.approx(100 * (0.985 - 0.991))
+    assert by["keep-all time / TCC time, batch 64"]["value"] == pytest.approx(100 / 55)
+    kv = [r for r in out if r["comparison"].startswith("KV size")]
+    assert len(kv) == 1 and kv[0]["value"] == 3.9 and "bits 5" in kv[0]["comparison"]  # 5.0x has error > 1e-2
+
+
+def test_tcc_summary_without_a_small_budget_says_so():
+    from effdl.tokens.experiments import tcc_summary
+
+    rows = [{"method": "keep_all", "mean_tokens_kept_frac": 1.0, "accuracy": 0.9},
+            {"method": "tcc", "mean_tokens_kept_frac": 0.8, "accuracy": 0.9}]
+    (only,) = tcc_summary(rows)
+    assert "no TCC budget" in only["note"]
+
+
+def test_gpu_suite_code_paths_on_cpu():
+    """gpu_suite runs on a GPU; its code paths run here on the CPU at smoke sizes."""
+    from effdl.measure import torch_threads
+    from effdl.profile import sizes
+    from effdl.tokens import bench
+
+    with torch_threads(1):
+        rows = bench.gpu_suite(torch.device("cpu"), sizes("tokens", "smoke"))
+    vit = [r for r in rows if r["method"] != "blocks"]
+    assert {r["method"] for r in vit} == set(REDUCERS)
+    assert all(r["ms_batch1"] > 0 and r["ms_batch64"] > 0 and 0 < r["mean_tokens_kept_frac"] <= 1 for r in vit)
+    blocks = [r for r in rows if r["method"] == "blocks"]
+    assert [r["n_tokens"] for r in blocks] == list(sizes("tokens", "smoke").cost_tokens)
+    assert all(0 < r["attn_flops_frac"] < 1 for r in blocks)

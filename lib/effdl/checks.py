@@ -1,12 +1,14 @@
 """Exercise checks: the machinery every chapter's checks share.
 
-Each chapter keeps its checks in ``effdl.<chapter>.checks`` (its ``__all__`` lists them); a notebook
-calls them as ``checks.check_online_softmax(my_online_softmax)`` after
-``from effdl.attention import checks``.  A check is a function ``check(student_fn) -> None`` decorated with :func:`exercise_check`.  It
-calls the student's function on random inputs, compares with the library's reference, and either
-prints a one-line success or raises :class:`ExerciseFailed` with a message that helps (what input,
-what was expected, what came back).  Every outcome is also appended, as one JSON line, to the file
-named by ``$EFFDL_GRADE_LOG`` when it is set: that is how :mod:`effdl.grade` scores a notebook.
+Each chapter keeps its checks in ``effdl.<chapter>.checks`` (its ``__all__`` lists
+them); a notebook calls them as ``checks.check_online_softmax(my_online_softmax)``
+after ``from effdl.attention import checks``.  A check is a function
+``check(student_fn) -> None`` decorated with :func:`exercise_check`.  It calls the
+student's function on random inputs, compares with the library's reference, and either
+prints a one-line success or raises :class:`ExerciseFailed` with a message that helps
+(what input, what was expected, what came back).  Every outcome is also appended, as
+one JSON line, to the file named by ``$EFFDL_GRADE_LOG`` when it is set: that is how
+:mod:`effdl.grade` scores a notebook.
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ import functools
 import json
 import os
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 

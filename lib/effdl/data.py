@@ -12,8 +12,9 @@ Every loader returns an :class:`ImageData`: ``x`` float32 ``(n, C, H, W)`` in ``
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, NamedTuple, Sequence
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch

@@ -36,7 +36,12 @@ def _triton_importable() -> bool:
 
 
 def capabilities() -> Capabilities:
-    """Probe the current machine once; never raises on a CPU-only machine."""
+    """Probe the current machine, afresh on every call; never raises without a GPU.
+
+    Not cached, on purpose (a probe is cheap): ``threads`` follows
+    ``torch.set_num_threads`` and ``triton_interpreter`` follows ``$TRITON_INTERPRET``,
+    and a session may change either.
+    """
     import os
 
     interp = os.environ.get("TRITON_INTERPRET") == "1" and _triton_importable()

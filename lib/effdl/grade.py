@@ -132,8 +132,8 @@ def grade(path: str | Path, *, cell_timeout: int = 120, total_timeout: int = 900
             for line in log.read_text().splitlines():
                 rec = json.loads(line)
                 seen[rec["check"]] = CheckOutcome(rec["check"], bool(rec["passed"]), rec["message"])
-    outcomes = [seen.get(n, CheckOutcome(n, False, "never ran (an earlier error, a timeout, or the check cell was removed)"))
-                for n in expected]
+    never_ran = "never ran (an earlier error, a timeout, or the check cell was removed)"
+    outcomes = [seen.get(n, CheckOutcome(n, False, never_ran)) for n in expected]
     score = sum(o.passed for o in outcomes)
     return GradeReport(str(path), chapter, score, len(expected), outcomes, errors)
 

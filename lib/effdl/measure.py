@@ -20,12 +20,13 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import os
-import sys
 import platform
 import statistics
+import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -127,7 +128,7 @@ def _one_call_ms(fn: Callable[[], Any], dev: torch.device) -> float:
 
 
 def interleaved(fns: dict[str, Callable[[], Any]], *, rounds: int = 5, warmup: int = 1,
-                device: str | torch.device | None = None) -> dict[str, "BenchResult"]:
+                device: str | torch.device | None = None) -> dict[str, BenchResult]:
     """Time several versions in rounds: each round calls every version once, the order rotating.
 
     Why: on a shared machine the speed drifts (other jobs, clock boost, heat).  Timing all of A and

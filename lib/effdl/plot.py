@@ -61,33 +61,69 @@ SITE_BUILD_ENV = "EFFDL_SITE_BUILD"
 def explorer(draw, static: Sequence[dict], **controls):
     """An interactive explorer that never leaves a dead widget on the site.
 
-    ``draw(**values)`` makes one figure.  The static figures (one per dict in ``static``) are always
-    drawn, so the rendered site and any notebook viewer show real results.  In a live kernel, and
-    unless ``$EFFDL_SITE_BUILD`` is set (``make book`` sets it: a static page cannot run callbacks), an
-    ``ipywidgets.interact`` explorer over ``controls`` follows.  Works with ipywidgets 7.7.1 (Colab)
-    and 8.x: only ``interact`` with plain value lists/tuples is used.
+    ``draw(**values)`` makes one figure.  The static figures (one per dict in
+    ``static``) are always drawn, so the rendered site and any notebook viewer show
+    real results.  Then, unless ``$EFFDL_SITE_BUILD`` is set (``make book`` sets it: a
+    static page cannot run callbacks), one control per keyword in ``controls``
+    redraws on every change:
+
+    - ``(lo, hi)`` or ``(lo, hi, step)``: an ``IntSlider`` if all are ints, else a
+      ``FloatSlider``;
+    - a non-empty list: a ``Dropdown`` of its items.
+
+    A control starts at ``draw``'s default for its argument, else at ``lo`` or the first
+    item.  Only ``IntSlider``, ``FloatSlider``, ``Dropdown`` and ``interactive_output``
+    (an ``Output``) are used: the API ipywidgets 7.7.1 (Colab) and 8.x share.  Returns
+    that ``Output``, or None when no widget is made.
     """
+    import inspect
     import os
 
-    from IPython.display import display
-
+    params = inspect.signature(draw).parameters
+    defaults = {n: p.default for n, p in params.items() if p.default is not p.empty}
+    # checked before the site test, so that a bad control fails the site build too
+    specs = {name: _control_spec(name, spec, defaults.get(name))
+             for name, spec in controls.items()}
     for values in static:
-        fig = draw(**values)
-        if fig is not None:
-            display(fig)
-            plt.close(fig)
-    if os.environ.get(SITE_BUILD_ENV) or not controls:
+        _show(draw(**values))
+    if os.environ.get(SITE_BUILD_ENV) or not specs:
         return None
     try:
         import ipywidgets
     except ImportError:
         print("(install ipywidgets for the interactive version)")
         return None
+    from IPython.display import display
 
-    def _show(**values):
-        fig = draw(**values)
-        if fig is not None:
-            display(fig)
-            plt.close(fig)
+    widgets = {name: getattr(ipywidgets, kind)(**kw)
+               for name, (kind, kw) in specs.items()}
+    out = ipywidgets.interactive_output(lambda **values: _show(draw(**values)), widgets)
+    display(*widgets.values(), out)
+    return out
 
-    return ipywidgets.interact(_show, **controls)
+
+def _control_spec(name: str, spec, default) -> tuple[str, dict]:
+    """``(widget class name, keyword arguments)`` for one :func:`explorer` control."""
+    if isinstance(spec, list) and spec:
+        value = spec[0] if default is None else default
+        return "Dropdown", dict(options=spec, value=value, description=name)
+    numbers = isinstance(spec, tuple) and all(
+        isinstance(x, (int, float)) and not isinstance(x, bool) for x in spec)
+    if numbers and len(spec) in (2, 3):
+        kind = "IntSlider" if all(isinstance(x, int) for x in spec) else "FloatSlider"
+        kw = dict(min=spec[0], max=spec[1], description=name)
+        if len(spec) == 3:
+            kw["step"] = spec[2]
+        return kind, dict(kw, value=spec[0] if default is None else default)
+    raise TypeError(
+        f"explorer control {name}={spec!r}: give (lo, hi) or (lo, hi, step) for a "
+        "slider, or a non-empty list for a dropdown")
+
+
+def _show(fig) -> None:
+    """Display a figure that ``draw`` returned (None: nothing), then close it."""
+    from IPython.display import display
+
+    if fig is not None:
+        display(fig)
+        plt.close(fig)        # why: else the inline backend shows it again at the cell's end

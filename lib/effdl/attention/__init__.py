@@ -12,12 +12,18 @@ Triton is imported only when a Triton path is called, so this package imports on
 """
 
 from effdl.attention.decode import decode_attention
-from effdl.reference import attention_lse, naive_attention, reference_attention
 from effdl.attention.softmax import (
-    SoftmaxState, init_state, merge_lse, merge_states, naive_softmax, online_softmax, safe_softmax,
+    SoftmaxState,
+    init_state,
+    merge_lse,
+    merge_states,
+    naive_softmax,
+    online_softmax,
+    safe_softmax,
     update_state,
 )
 from effdl.attention.tiled import flash1_forward, flash2_backward, flash2_forward, tiled_attention
+from effdl.reference import attention_lse, naive_attention, reference_attention
 
 
 def triton_attention(q, k, v, causal: bool = False, scale: float | None = None):

@@ -13,7 +13,12 @@ import torch
 from effdl.accuracy import within_baseline
 from effdl.attention.decode import decode_attention
 from effdl.attention.experiments import (
-    DTYPES, SDPA_BACKENDS, decode_impls, decode_rows, prefill_impls, prefill_rows,
+    DTYPES,
+    SDPA_BACKENDS,
+    decode_impls,
+    decode_rows,
+    prefill_impls,
+    prefill_rows,
 )
 from effdl.attention.tiled import tiled_attention
 from effdl.reference import naive_attention

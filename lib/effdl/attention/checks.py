@@ -75,15 +75,27 @@ def check_causal_tile_plan(plan_fn):
     """``plan_fn(nq, nk, block_q, block_k) -> {(i, j): "full" | "partial"}`` (bottom-right causal)."""
     from effdl.attention.tiled import causal_tile_plan
 
-    for nq, nk, bq, bk in [(8, 8, 4, 4), (77, 77, 16, 32), (130, 130, 64, 16), (5, 70, 4, 8), (1, 513, 1, 128), (33, 20, 8, 8)]:
+    cases = [
+        (8, 8, 4, 4),
+        (77, 77, 16, 32),
+        (130, 130, 64, 16),
+        (5, 70, 4, 8),
+        (1, 513, 1, 128),
+        (33, 20, 8, 8),
+    ]
+    for nq, nk, bq, bk in cases:
         got = plan_fn(nq, nk, bq, bk)
         ref = causal_tile_plan(nq, nk, bq, bk)
         require(isinstance(got, dict), f"return a dict {{(i, j): 'full' | 'partial'}}, got {type(got).__name__}")
         missing = sorted(set(ref) - set(got))
         extra = sorted(set(got) - set(ref))
-        require(not missing, f"nq={nq}, nk={nk}, tiles {bq}x{bk}: tiles {missing[:4]} have visible keys but are missing")
-        require(not extra, f"nq={nq}, nk={nk}, tiles {bq}x{bk}: tiles {extra[:4]} are fully masked and should be skipped"
-                + (" (queries align bottom-right: query i sees keys j <= i + nk - nq)" if nq != nk else ""))
+        where = f"nq={nq}, nk={nk}, tiles {bq}x{bk}"
+        require(not missing,
+                f"{where}: tiles {missing[:4]} have visible keys but are missing")
+        hint = " (queries align bottom-right: query i sees keys j <= i + nk - nq)"
+        require(not extra,
+                f"{where}: tiles {extra[:4]} are fully masked and should be skipped"
+                + (hint if nq != nk else ""))
         wrong = sorted(t for t in ref if got[t] != ref[t])
         if wrong:
             t = wrong[0]
@@ -139,8 +151,13 @@ def check_split_kv_merge(merge):
         v = torch.randn(2, 3, L, 8, generator=g, dtype=torch.float64)
         outs, lses = split_kv_partials(q, k, v, S)
         got = merge(outs, lses)
-        assert_close(got, reference_attention(q, k, v, causal=True), what=f"merged output of {S} splits, L={L}, Nq={nq}",
-                     rtol=1e-9, atol=1e-12)
+        assert_close(
+            got,
+            reference_attention(q, k, v, causal=True),
+            what=f"merged output of {S} splits, L={L}, Nq={nq}",
+            rtol=1e-9,
+            atol=1e-12,
+        )
     # a split that saw no keys (lse = -inf, out = 0) must not poison the result
     lses = lses.clone()
     outs = outs.clone()

@@ -15,27 +15,46 @@ import math
 import torch
 
 from effdl.validate import check_qkv
-from effdl.attention.softmax import SoftmaxState, init_state, merge_lse, merge_states, update_state
+from effdl.attention.softmax import (
+    SoftmaxState, finalize, init_state, merge_lse, merge_states, safe_shift, state_lse,
+    update_state,
+)
 
 BACKENDS = ("torch", "triton")
 
 
 def even_split(L: int, num_splits: int, block: int = 1) -> list[tuple[int, int]]:
-    """Split L keys into ``num_splits`` contiguous chunks whose sizes (in tiles of ``block``) differ by ≤ 1."""
-    if num_splits < 1 or block < 1:
-        raise ValueError(f"num_splits and block must be >= 1, got {num_splits}, {block}")
-    tiles = -(-L // block)
-    bounds, start = [], 0
-    for s in range(num_splits):
-        n = tiles // num_splits + (1 if s < tiles % num_splits else 0)
-        end = min(L, start + n * block)
-        bounds.append((start, end))
-        start = end
-    return bounds
+    """The split-KV rule: ``[(start, end), ...]``, key chunks covering [0, L) in order.
+
+    All chunks have the size c = ⌈L / num_splits⌉ but the last, which may be shorter;
+    once c >= ``block``, c is rounded up to whole tiles of ``block`` keys.  No chunk is
+    empty, there are never more chunks than keys (none for L = 0), and there may be
+    fewer than ``num_splits``: L = 10 in 4 splits is 3, 3, 3, 1; in 6, five chunks of 2.
+    Both decode paths use it: :func:`split_kv_partials` and Triton's ``triton_decode``.
+    """
+    # why equal chunks: chunk s starts at s·c, so the PyTorch path reads the full chunks
+    # as one strided view (one batched matmul) and the Triton kernel needs only c and S.
+    # why whole tiles: a kernel streaming `block`-key tiles never splits a tile between
+    # two programs; short caches (c < block) keep all their splits instead.
+    for name, n in (("num_splits", num_splits), ("block", block)):
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise ValueError(f"{name} must be a positive int, got {n!r}")
+    if not isinstance(L, int) or isinstance(L, bool) or L < 0:
+        raise ValueError(f"L (the number of keys) must be an int >= 0, got {L!r}")
+    if L == 0:
+        return []
+    chunk = -(-L // num_splits)
+    if chunk >= block:
+        chunk = -(-chunk // block) * block
+    return [(start, min(start + chunk, L)) for start in range(0, L, chunk)]
 
 
 def default_num_splits(rows: int, L: int, device: torch.device, min_chunk: int = 256) -> int:
-    """Enough splits to give every GPU SM ~16 programs (CPU: chunks of >= 2048 keys), chunks >= min_chunk."""
+    """How many splits :func:`decode_attention` asks for when it is not told.
+
+    GPU: enough that ``rows`` x splits programs give every SM ~16; CPU: one split per
+    2048 keys (rounded down, at least one).  Never more than ⌈L / min_chunk⌉.
+    """
     if device.type == "cuda":
         sms = torch.cuda.get_device_properties(device).multi_processor_count
         want = -(-16 * sms // max(rows, 1))
@@ -47,16 +66,22 @@ def default_num_splits(rows: int, L: int, device: torch.device, min_chunk: int =
 def split_kv_partials(q, k, v, num_splits: int, causal: bool = True, scale: float | None = None):
     """Partial results of each key chunk: ``(out (S, ..., Nq, dv), lse (S, ..., Nq))``, vectorized.
 
-    The first splits are equal chunks of ⌈L/S⌉ keys, taken as views of the cache (no copy); a shorter
-    remainder, if any, is one more split.  Scores are computed in the cache's dtype (fp32 accumulation
-    inside the matmul) and turned into fp32 for the softmax statistics, as a GPU kernel does.
+    The chunks are :func:`even_split`'s: S <= ``num_splits`` of them (none for L = 0).
+    The equal ones are taken together as views of the cache (no copy), a shorter last
+    one on its own.  Scores are computed in the cache's dtype (fp32 accumulation inside
+    the matmul) and turned into fp32 for the softmax statistics, as a GPU kernel does.
     """
     scale = check_qkv(q, k, v, scale)
     nq, L = q.shape[-2], k.shape[-2]
-    chunk = -(-L // num_splits)
-    n_full = L // chunk
-    qs = q * scale
     acc = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
+    bounds = even_split(L, num_splits)
+    if not bounds:                                     # no keys, no split: merges to 0
+        lead = (0, *q.shape[:-1])
+        return (q.new_zeros((*lead, v.shape[-1]), dtype=acc),
+                q.new_full(lead, float("-inf"), dtype=acc))
+    chunk = bounds[0][1] - bounds[0][0]
+    n_full = L // chunk                                # all but a shorter last chunk
+    qs = q * scale
     key_limit = torch.arange(nq, device=q.device) + (L - nq) if causal else torch.full((nq,), L - 1, device=q.device)
     outs, lses = [], []
     parts = [(0, n_full, chunk)] + ([(n_full * chunk, 1, L - n_full * chunk)] if n_full * chunk < L else [])
@@ -67,12 +92,10 @@ def split_kv_partials(q, k, v, num_splits: int, causal: bool = True, scale: floa
         key = start + torch.arange(n * c, device=q.device).view(n, 1, c)
         s = s.masked_fill(key > key_limit.view(nq, 1), float("-inf"))
         m = s.amax(dim=-1)                                               # (..., n, Nq)
-        m_safe = torch.where(torch.isneginf(m), torch.zeros_like(m), m)
-        p = torch.exp(s - m_safe[..., None])
+        p = torch.exp(s - safe_shift(m)[..., None])          # fully masked rows: 0
         l = p.sum(dim=-1)
-        o = (p.to(v.dtype) @ vc).to(acc) / torch.where(l == 0, torch.ones_like(l), l)[..., None]
-        outs.append(o)
-        lses.append(torch.where(l == 0, torch.full_like(m, float("-inf")), m_safe + torch.log(l)))
+        outs.append(finalize((p.to(v.dtype) @ vc).to(acc), l))  # (..., n, Nq, dv)
+        lses.append(state_lse(m, l))
     out = torch.cat(outs, dim=-3) if len(outs) > 1 else outs[0]
     lse = torch.cat(lses, dim=-2) if len(lses) > 1 else lses[0]
     return out.movedim(-3, 0), lse.movedim(-2, 0)
@@ -82,9 +105,11 @@ def decode_attention(q, k_cache, v_cache, num_splits: int | None = None, backend
                      causal: bool = True, scale: float | None = None) -> torch.Tensor:
     """Split-KV (Flash-Decoding) attention of ``q`` (B, H, Nq, d) against a cache (B, H, L, d).
 
-    ``num_splits`` key chunks are processed independently and merged by their logsumexps
-    (default: enough to fill the device).  ``backend="triton"`` runs the Triton kernels (CUDA sm_80+,
-    or the CPU under TRITON_INTERPRET=1).  ``causal`` aligns bottom-right, so with Nq = 1 every key is seen.
+    Up to ``num_splits`` key chunks (:func:`even_split`; by default
+    :func:`default_num_splits`) are processed independently and merged by their
+    logsumexps.  ``backend="triton"`` runs the Triton kernels (CUDA sm_80+, or the CPU
+    under TRITON_INTERPRET=1).  ``causal`` aligns bottom-right, so with Nq = 1 every key
+    is seen.  An empty cache (L = 0) gives zeros.
     """
     check_qkv(q, k_cache, v_cache, scale)
     if backend not in BACKENDS:
@@ -93,9 +118,6 @@ def decode_attention(q, k_cache, v_cache, num_splits: int | None = None, backend
     if num_splits is None:
         rows = math.prod(q.shape[:-1])
         num_splits = default_num_splits(rows, L, q.device)
-    if not isinstance(num_splits, int) or isinstance(num_splits, bool) or num_splits < 1:
-        raise ValueError(f"num_splits must be a positive int, got {num_splits!r}")
-    num_splits = min(num_splits, max(L, 1))
     if backend == "triton":
         from effdl.attention.triton_kernels import triton_decode
 
@@ -110,7 +132,8 @@ def lean_schedule(num_heads: int, tiles_per_head: int, workers: int) -> list[lis
 
     Returns, per worker, its segments ``(head, first_tile, end_tile)``; a worker's range may end in
     one head and continue in the next, so every worker does the same work however heads and lengths
-    divide.  Each head's partial states are then merged.
+    divide.  Each head's partial states are then merged.  (Not :func:`even_split`'s
+    rule, on purpose: that one cuts each head's keys alone, into equal chunks.)
     """
     if min(num_heads, tiles_per_head, workers) < 1:
         raise ValueError("num_heads, tiles_per_head and workers must all be >= 1")

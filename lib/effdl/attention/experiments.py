@@ -8,7 +8,8 @@ when causal); decode bytes: the K and V caches read once, 2·B·H·L·d·bytes.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -96,8 +97,13 @@ def prefill_impls(device, names=("naive", "tiled", "sdpa"), naive_max_bytes: flo
     impls: dict[str, Callable] = {}
     for name in names:
         if name == "naive":
-            impls[name] = lambda cfg: (None if not _fits(cfg, naive_max_bytes) else
-                                       (lambda q, k, v: lambda: naive_attention(q, k, v, causal=cfg["causal"]))(*inputs(cfg)))
+            def naive(cfg):
+                if not _fits(cfg, naive_max_bytes):   # scores would not fit: skip
+                    return None
+                q, k, v = inputs(cfg)
+                return lambda: naive_attention(q, k, v, causal=cfg["causal"])
+
+            impls[name] = naive
         elif name == "tiled":
             bq, bk = tiled_blocks
             impls[name] = lambda cfg: (lambda q, k, v: lambda: flash2_forward(q, k, v, causal=cfg["causal"],
@@ -122,9 +128,13 @@ def decode_impls(device, names=("naive", "sdpa", "torch_split_kv")) -> dict[str,
         if name == "naive":
             impls[name] = lambda cfg: (lambda q, k, v: lambda: naive_attention(q, k, v))(*inputs(cfg))
         elif name == "torch_split_kv":
-            impls[name] = lambda cfg: (lambda q, k, v: lambda: decode_attention(q, k, v, backend="torch"))(*inputs(cfg))
+            impls[name] = lambda cfg: (
+                lambda q, k, v: lambda: decode_attention(q, k, v, backend="torch")
+            )(*inputs(cfg))
         elif name == "triton_split_kv":
-            impls[name] = lambda cfg: (lambda q, k, v: lambda: decode_attention(q, k, v, backend="triton"))(*inputs(cfg))
+            impls[name] = lambda cfg: (
+                lambda q, k, v: lambda: decode_attention(q, k, v, backend="triton")
+            )(*inputs(cfg))
         elif name == "sdpa":
             impls[name] = _sdpa_factory(inputs, None, decode=True)
         elif name in SDPA_BACKENDS:
@@ -135,11 +145,14 @@ def decode_impls(device, names=("naive", "sdpa", "torch_split_kv")) -> dict[str,
 
 
 def _derive_prefill(cfg, ms):
-    return {"tflops": prefill_flops(cfg["batch"], cfg["heads"], cfg["N"], cfg["d"], cfg["causal"]) / (ms * 1e-3) / 1e12}
+    flops = prefill_flops(cfg["batch"], cfg["heads"], cfg["N"], cfg["d"], cfg["causal"])
+    return {"tflops": flops / (ms * 1e-3) / 1e12}
 
 
 def _derive_decode(cfg, ms):
-    return {"tbps": decode_bytes(cfg["batch"], cfg["heads"], cfg["L"], cfg["d"], DTYPES[cfg["dtype"]]) / (ms * 1e-3) / 1e12}
+    dtype = DTYPES[cfg["dtype"]]
+    nbytes = decode_bytes(cfg["batch"], cfg["heads"], cfg["L"], cfg["d"], dtype)
+    return {"tbps": nbytes / (ms * 1e-3) / 1e12}
 
 
 def prefill_rows(Ns, *, d, batch, heads, device, impls, causal=(False,), dtype="float32",

@@ -236,7 +236,11 @@ def closed_form(algorithm: str, N: int, d: int, M: int, **blocks) -> IOCount:
     c = lambda n, b: -(-n // b)                                          # noqa: E731  ceil division
     if algorithm == "standard":
         T = c(N, bs["B"])
-        reads = N * d + T * N * d + 2 * N * N + N * N + T * N * d          # Q, K per row tile, S twice, P, V per row tile
+        reads = (N * d            # Q
+                 + T * N * d      # K, once per row tile
+                 + 2 * N * N      # S, twice
+                 + N * N          # P
+                 + T * N * d)     # V, once per row tile
         writes = N * N + N * N + N * d                                      # S, P, O
     elif algorithm == "small_cache":
         B = bs["B"]

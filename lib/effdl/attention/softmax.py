@@ -9,6 +9,10 @@ The state of a row after seeing some keys is ``(m, ℓ, acc)``: the running max,
 exp(s − m), and the running Σ exp(s − m)·v.  :func:`merge_states` combines two states; it is
 associative (and commutative), which is what lets FlashAttention process K/V in tiles and
 Flash-Decoding process them in parallel splits.
+
+Every PyTorch attention path of the library shares four small pieces: :func:`safe_shift`
+and :func:`safe_rescale` (the guard for rows whose max is still -inf), :func:`finalize`
+(acc/ℓ) and :func:`state_lse` (m + log ℓ).
 """
 
 from __future__ import annotations
@@ -49,6 +53,41 @@ def online_softmax(x: torch.Tensor, block: int = 128) -> torch.Tensor:
     return torch.exp(x - m[..., None]) / l[..., None]          # pass 2: normalize
 
 
+# The -inf guard and the finalisation, each in one place: the state functions below,
+# the tiled passes (tiled.py) and split-KV decoding (decode.py) call them.  The Triton
+# kernels (triton_kernels.py) cannot call Python: they repeat both inside the kernels.
+
+
+def safe_shift(m: torch.Tensor) -> torch.Tensor:
+    """The max to subtract before ``exp``: ``m`` (...,) with -inf replaced by 0.
+
+    A row's max is -inf while every score it has seen is -inf (masked), or it saw none.
+    """
+    # why: exp(s - m) with s = m = -inf is exp(NaN) = NaN; a shift of 0 gives
+    # exp(-inf) = 0, so the row keeps ℓ = 0 and acc = 0 (the empty state), not NaN
+    return torch.where(torch.isneginf(m), torch.zeros_like(m), m)
+
+
+def safe_rescale(m_old: torch.Tensor, m_new: torch.Tensor) -> torch.Tensor:
+    """exp(m_old − m_new) (...,): moves sums taken against max m_old to max m_new.
+
+    0, not NaN, where m_new = -inf (then m_old is -inf too: nothing to rescale).
+    """
+    return torch.exp(m_old - safe_shift(m_new))
+
+
+def finalize(acc: torch.Tensor, l: torch.Tensor) -> torch.Tensor:
+    """acc / ℓ: ``acc`` (..., dv), ``l`` (...,) -> (..., dv); 0 where ℓ = 0."""
+    # why: a row with ℓ = 0 saw no key and has acc = 0: dividing it by 1 gives 0,
+    # where 0 / 0 would give NaN
+    return acc / torch.where(l == 0, torch.ones_like(l), l)[..., None]
+
+
+def state_lse(m: torch.Tensor, l: torch.Tensor) -> torch.Tensor:
+    """The logsumexp m + log ℓ: ``m``, ``l`` (...,) -> (...,); -inf where ℓ = 0."""
+    return torch.where(l == 0, torch.full_like(m, float("-inf")), m + torch.log(l))
+
+
 @dataclass
 class SoftmaxState:
     """Online-softmax state of a set of rows: running max m (...,), sum ℓ (...,), accumulator acc (..., dv)."""
@@ -59,10 +98,7 @@ class SoftmaxState:
 
     def finalize(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(output acc/ℓ, logsumexp m + log ℓ); rows that saw no key give 0 and -inf."""
-        empty = self.l == 0
-        out = self.acc / torch.where(empty, torch.ones_like(self.l), self.l)[..., None]
-        lse = torch.where(empty, torch.full_like(self.m, float("-inf")), self.m + torch.log(self.l))
-        return out, lse
+        return finalize(self.acc, self.l), state_lse(self.m, self.l)
 
 
 def init_state(shape, dv: int, dtype=torch.float32, device=None) -> SoftmaxState:
@@ -75,16 +111,11 @@ def init_state(shape, dv: int, dtype=torch.float32, device=None) -> SoftmaxState
     )
 
 
-def _safe_max(m: torch.Tensor) -> torch.Tensor:
-    # why: where every score so far is -inf, exp(-inf - (-inf)) would be NaN; use 0 as the shift instead
-    return torch.where(torch.isinf(m) & (m < 0), torch.zeros_like(m), m)
-
-
 def update_state(state: SoftmaxState, s: torch.Tensor, v: torch.Tensor) -> SoftmaxState:
     """Fold one tile of scores ``s`` (..., r, c) and values ``v`` (..., c, dv) into ``state`` (rows r)."""
     m_new = torch.maximum(state.m, s.amax(dim=-1))
-    shift = _safe_max(m_new)
-    alpha = torch.exp(state.m - shift)                          # rescales what was summed so far
+    shift = safe_shift(m_new)
+    alpha = torch.exp(state.m - shift)          # safe_rescale(state.m, m_new)
     p = torch.exp(s - shift[..., None])                         # (..., r, c), masked scores give 0
     l = state.l * alpha + p.sum(dim=-1)
     acc = state.acc * alpha[..., None] + p.to(v.dtype) @ v
@@ -97,8 +128,7 @@ def merge_states(a: SoftmaxState, b: SoftmaxState) -> SoftmaxState:
     m = max(m₁, m₂);  ℓ = ℓ₁e^{m₁−m} + ℓ₂e^{m₂−m};  acc = acc₁e^{m₁−m} + acc₂e^{m₂−m}.
     """
     m = torch.maximum(a.m, b.m)
-    shift = _safe_max(m)
-    wa, wb = torch.exp(a.m - shift), torch.exp(b.m - shift)
+    wa, wb = safe_rescale(a.m, m), safe_rescale(b.m, m)
     return SoftmaxState(m, a.l * wa + b.l * wb, a.acc * wa[..., None] + b.acc * wb[..., None])
 
 
@@ -109,7 +139,6 @@ def merge_lse(outs: torch.Tensor, lses: torch.Tensor, dim: int = 0) -> tuple[tor
     Splits that saw no key (lse = -inf) get weight 0.
     """
     lse = torch.logsumexp(lses, dim=dim, keepdim=True)
-    w = torch.exp(lses - _safe_max(lse))
-    w = torch.where(torch.isinf(lses), torch.zeros_like(w), w)
+    w = safe_rescale(lses, lse)                 # e^{lse_i − lse}; 0 where lse_i = -inf
     out = (outs * w.unsqueeze(-1)).sum(dim=dim)
     return out, lse.squeeze(dim)

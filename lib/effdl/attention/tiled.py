@@ -18,6 +18,7 @@ import math
 
 import torch
 
+from effdl.attention.softmax import finalize, safe_shift, state_lse
 from effdl.validate import causal_mask, check_block, check_qkv
 
 #: Default tile sizes.  On a CPU, big tiles win: every tile costs a fixed ~10 µs per PyTorch op and
@@ -29,11 +30,6 @@ DEFAULT_BLOCK_K = 1024
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-
-
-def _nonneg_max(m: torch.Tensor) -> torch.Tensor:
-    # why: rows that have seen only masked scores have m = -inf; shifting by 0 instead avoids NaN
-    return torch.where(torch.isneginf(m), torch.zeros_like(m), m)
 
 
 def flash1_forward(q, k, v, causal: bool = False, scale: float | None = None, block_q=None, block_k=None):
@@ -62,16 +58,14 @@ def flash1_forward(q, k, v, causal: bool = False, scale: float | None = None, bl
                 s.masked_fill_(~causal_mask(i1 - i0, j1 - j0, q0=i0 + off, k0=j0, device=q.device), float("-inf"))
             m_i, l_i, O_i = m[..., i0:i1], l[..., i0:i1], O[..., i0:i1, :]  # read back
             m_new = torch.maximum(m_i, s.amax(dim=-1))
-            shift = _nonneg_max(m_new)
+            shift = safe_shift(m_new)                      # rows still at -inf: 0
             p = torch.exp(s - shift[..., None])
-            alpha = torch.exp(m_i - shift)
+            alpha = torch.exp(m_i - shift)                 # safe_rescale(m_i, m_new)
             l_new = alpha * l_i + p.sum(dim=-1)
-            safe_l = torch.where(l_new == 0, torch.ones_like(l_new), l_new)
             # O_i stays normalized: undo the old 1/ℓ, rescale, add the new tile, divide by the new ℓ
-            O[..., i0:i1, :] = ((alpha * l_i)[..., None] * O_i + p @ vj) / safe_l[..., None]
+            O[..., i0:i1, :] = finalize((alpha * l_i)[..., None] * O_i + p @ vj, l_new)
             m[..., i0:i1], l[..., i0:i1] = m_new, l_new                   # write back
-    lse = torch.where(l == 0, torch.full_like(m, float("-inf")), m + torch.log(l))
-    return O.to(q.dtype), lse
+    return O.to(q.dtype), state_lse(m, l)
 
 
 def flash2_forward(q, k, v, causal: bool = False, scale: float | None = None, block_q=None, block_k=None,
@@ -112,13 +106,15 @@ def flash2_forward(q, k, v, causal: bool = False, scale: float | None = None, bl
             if masked:
                 s.masked_fill_(~causal_mask(i1 - i0, j1 - j0, q0=i0 + off, k0=j0, device=q.device), float("-inf"))
             m_new = s.amax(dim=-1) if m is None else torch.maximum(m, s.amax(dim=-1))
-            shift = _nonneg_max(m_new) if masked else m_new               # only masked rows can be all -inf
+            # why: only a masked tile can leave a row's max at -inf, so unmasked
+            # tiles skip the guard (a (..., bq) vector op, cheap next to the tile's)
+            shift = safe_shift(m_new) if masked else m_new
             p = s.sub_(shift[..., None]).exp_()                           # in place: no second tile
             vj = v[..., j0:j1, :].to(acc_t)
             if m is None:                                                 # first tile: nothing to rescale
                 l, o = p.sum(dim=-1), p @ vj
             else:
-                alpha = torch.exp(m - shift)                              # rescale what was summed so far
+                alpha = torch.exp(m - shift)               # safe_rescale(m, m_new)
                 l = l.mul_(alpha).add_(p.sum(dim=-1))
                 o = o.mul_(alpha[..., None]).add_(p @ vj)
             m = m_new
@@ -126,9 +122,8 @@ def flash2_forward(q, k, v, causal: bool = False, scale: float | None = None, bl
             out[..., i0:i1, :] = 0
             lse[..., i0:i1] = float("-inf")
             return
-        empty = l == 0                                                    # rows that saw no key
-        out[..., i0:i1, :] = (o / torch.where(empty, torch.ones_like(l), l)[..., None]).to(q.dtype)
-        lse[..., i0:i1] = torch.where(empty, torch.full_like(m, float("-inf")), m + torch.log(l))
+        out[..., i0:i1, :] = finalize(o, l).to(q.dtype)   # rows with ℓ = 0: 0
+        lse[..., i0:i1] = state_lse(m, l)                   # ... and -inf
 
     with torch.no_grad():                                                 # out= buffers: no autograd here
         run_tiles(query_tile, starts, workers)

@@ -7,7 +7,14 @@ by the chapter's name (:mod:`effdl.chapters`).  The shared pieces every sweep us
 """
 
 from effdl.bench.core import (
-    free_cached, interleaved, is_oom, oom_guard, plot_rows, print_table, run_sweep, write_json,
+    free_cached,
+    interleaved,
+    is_oom,
+    oom_guard,
+    plot_rows,
+    print_table,
+    run_sweep,
+    write_json,
 )
 
 __all__ = ["run_sweep", "interleaved", "is_oom", "oom_guard", "free_cached", "print_table",

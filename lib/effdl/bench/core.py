@@ -13,8 +13,9 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm

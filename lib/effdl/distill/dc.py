@@ -9,7 +9,7 @@ graph alive.  Between image updates the network is trained on the synthetic set 
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -67,7 +67,8 @@ class DCStepper:
                  width: int = 128, real_per_class: int = 64, lr: float = 0.01, outer_loop: int = 10,
                  inner_steps: int = 5, net_lr: float = 0.01):
         self.g = torch.Generator().manual_seed(seed)
-        self.seed, self.width, self.outer_loop, self.inner_steps, self.net_lr = seed, width, outer_loop, inner_steps, net_lr
+        self.seed, self.width, self.net_lr = seed, width, net_lr
+        self.outer_loop, self.inner_steps = outer_loop, inner_steps
         self.classes = torch.unique(y).tolist()
         self.real_x = [x[y == c] for c in self.classes]
         self.real_per_class = min(real_per_class, min(len(xc) for xc in self.real_x))

@@ -7,7 +7,7 @@ of the synthetic images (and of the real batch, unless its features are cached).
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -22,7 +22,10 @@ def mean_embedding_mmd(f_real: torch.Tensor, f_syn: torch.Tensor) -> torch.Tenso
     return ((f_real.mean(0) - f_syn.mean(0)) ** 2).sum()
 
 
-def dm_loss(f_real: torch.Tensor | Sequence[torch.Tensor], f_syn: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
+def dm_loss(
+    f_real: torch.Tensor | Sequence[torch.Tensor],
+    f_syn: torch.Tensor | Sequence[torch.Tensor],
+) -> torch.Tensor:
     """DM's loss: the sum over classes of :func:`mean_embedding_mmd`; per-class lists, or batched
     (classes, n, d) and (classes, k, d) tensors."""
     if isinstance(f_real, torch.Tensor) and f_real.ndim == 3:

@@ -13,7 +13,6 @@ sampler's gradient cancels to exactly zero — kept only to show the pitfall.
 from __future__ import annotations
 
 import math
-from typing import Sequence
 
 import torch
 from torch import nn

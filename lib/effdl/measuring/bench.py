@@ -18,7 +18,7 @@ Rows (one dict each), keyed by ``case``:
 from __future__ import annotations
 
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -26,7 +26,12 @@ from effdl.measure import benchmark, cpu_thread_policy
 from effdl.measuring.cases import conv_case, fusion_case
 from effdl.measuring.memory import attention_memory_sweep
 from effdl.measuring.roofline import (
-    bandwidths, kernel_suite, matmul_flops, peak_matmul, place_kernels, roofline_from_rows,
+    bandwidths,
+    kernel_suite,
+    matmul_flops,
+    peak_matmul,
+    place_kernels,
+    roofline_from_rows,
 )
 
 __all__ = ["run", "gpu_suite"]
@@ -131,8 +136,10 @@ def gpu_suite(device: torch.device, S) -> list[dict]:
              for r in place_kernels(kernel_suite(S, dev, half), roof, warmup=S.warmup, repeat=S.repeat, device=dev)]
     rows += _async_rows(dev, S.peak_matmul_n, calls=S.repeat, dtype=half)
     b, h, _, d = S.attention
-    rows += [{"case": "attention_memory", "dtype": "float16", **r}
-             for r in attention_memory_sweep(S.attention_mem_seqs, batch=b, heads=h, head_dim=d, device=dev, dtype=half)]
+    memory_rows = attention_memory_sweep(
+        S.attention_mem_seqs, batch=b, heads=h, head_dim=d, device=dev, dtype=half
+    )
+    rows += [{"case": "attention_memory", "dtype": "float16", **r} for r in memory_rows]
     rows += conv_case(S, dev)
     rows += fusion_case(S, dev)
     if cuda:

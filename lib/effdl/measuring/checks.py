@@ -9,6 +9,7 @@ import torch
 
 from effdl.checks import assert_close, exercise_check, require
 
+
 def _f64(x) -> torch.Tensor:
     """A float64 scalar tensor (``torch.as_tensor`` of a Python float would round it to float32)."""
     try:
@@ -92,7 +93,8 @@ def check_roofline_time(student) -> None:
 def check_attention_layer_flops(student) -> None:
     """``attention_layer_flops(batch, seq, d_model) -> int``: projections + attention matmuls."""
     from effdl.measure import count_flops
-    from effdl.measuring.roofline import attention_layer, attention_layer_flops as reference
+    from effdl.measuring.roofline import attention_layer
+    from effdl.measuring.roofline import attention_layer_flops as reference
 
     g = torch.Generator().manual_seed(3)
     for b, n, d_model, heads in ((1, 7, 8, 2), (2, 33, 24, 3), (3, 97, 64, 4), (1, 128, 48, 1)):

@@ -8,7 +8,7 @@ freed *inside* one op (autograd's backward nodes do this) still counts.
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from effdl.measuring.roofline import plot_roofline, roofline_from_rows
 
@@ -84,11 +85,13 @@ def summarize_recorded(doc: dict[str, Any]) -> str:
             lines.append(f"  peak {r['kernel']:22s} {r['gbs']:8.0f} GB/s")
     for r in rows:
         if r.get("case") == "async":
-            lines.append(f"  timing: {r['method']:40s} {r['ms']:9.4f} ms/matmul  (apparent {r['apparent_tflops']:,.0f} TFLOP/s)")
+            lines.append(f"  timing: {r['method']:40s} {r['ms']:9.4f} ms/matmul  "
+                         f"(apparent {r['apparent_tflops']:,.0f} TFLOP/s)")
     for r in rows:
         if r.get("case") == "attention_memory":
             peak = "out of memory" if r.get("peak_bytes") is None else f"peak {r['peak_bytes'] / 2**30:7.2f} GiB"
-            lines.append(f"  naive attention N={r['seq']:6d}: {peak}  (one score matrix {r['scores_bytes'] / 2**30:.2f} GiB)")
+            lines.append(f"  naive attention N={r['seq']:6d}: {peak}  "
+                         f"(one score matrix {r['scores_bytes'] / 2**30:.2f} GiB)")
     for r in rows:
         if r.get("case") in ("conv", "fusion"):
             lines.append(f"  {r['case']:6s} {r['kernel']:20s} {r['flops'] / 1e9:9.2f} GFLOP  {r['ms']:8.3f} ms  "

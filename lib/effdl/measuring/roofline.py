@@ -12,8 +12,9 @@ large copy and a large read for bandwidth, timed with :func:`effdl.measure.bench
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 

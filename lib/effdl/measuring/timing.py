@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import statistics
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 __all__ = ["naive_time", "call_times", "FakeAsyncDevice", "FakeEvent", "sync_timer"]
 
@@ -38,7 +39,7 @@ def call_times(fn: Callable[[], Any], n: int = 5) -> list[float]:
 class FakeEvent:
     """A marker in a :class:`FakeAsyncDevice`'s queue, like ``torch.cuda.Event(enable_timing=True)``."""
 
-    def __init__(self, device: "FakeAsyncDevice"):
+    def __init__(self, device: FakeAsyncDevice):
         self._device = device
         self._t: float | None = None
 
@@ -51,7 +52,7 @@ class FakeEvent:
             raise RuntimeError("synchronize() on an event that was never recorded; call record() first")
         self._device._wait_until(self._t)
 
-    def elapsed_time(self, end: "FakeEvent") -> float:
+    def elapsed_time(self, end: FakeEvent) -> float:
         """Milliseconds between this event and ``end`` (both must have been reached, like CUDA)."""
         if self._t is None or end._t is None:
             raise RuntimeError("both events must be recorded before elapsed_time()")

@@ -9,7 +9,7 @@
 
 from effdl.tokens import kvcache, reducers
 from effdl.tokens.documents import KINDS, SYMBOLS, crop_pages, make_documents
-from effdl.tokens.reducers import keep_all, lat, pool, random_drop, tcc, tome, evit
+from effdl.tokens.reducers import evit, keep_all, lat, pool, random_drop, tcc, tome
 from effdl.tokens.train import evaluate, train
 from effdl.tokens.vit import Reduced, TinyViT, TokenContext
 

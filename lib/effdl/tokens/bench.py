@@ -8,7 +8,12 @@ import torch
 from effdl.measure import benchmark, cpu_thread_policy
 from effdl.tokens.documents import make_documents
 from effdl.tokens.experiments import (
-    build_model, datasets, kv_rows, measure_methods, method_fn, token_cost,
+    build_model,
+    datasets,
+    kv_rows,
+    measure_methods,
+    method_fn,
+    token_cost,
 )
 from effdl.tokens.reducers import REDUCERS
 from effdl.tokens.train import train
@@ -45,8 +50,10 @@ def gpu_suite(device: torch.device, S) -> list[dict]:
             gen = torch.Generator().manual_seed(0)
             with torch.no_grad():
                 _, info = model(images, fn, generator=gen, return_info=True)
-                r1 = benchmark(lambda: model(images[:1], fn, generator=gen), warmup=3, repeat=S.repeat, device=device)
-                r64 = benchmark(lambda: model(images, fn, buckets=4, generator=gen), warmup=3, repeat=S.repeat, device=device)
+                r1 = benchmark(lambda: model(images[:1], fn, generator=gen),
+                               warmup=3, repeat=S.repeat, device=device)
+                r64 = benchmark(lambda: model(images, fn, buckets=4, generator=gen),
+                                warmup=3, repeat=S.repeat, device=device)
             rows.append({"method": method, "keep": keep, "n_patches": model.n_patches,
                          "mean_tokens_kept_frac": float(info["n_kept"].float().mean()) / model.n_patches,
                          "ms_batch1": r1.median_ms, "ms_batch64": r64.median_ms,

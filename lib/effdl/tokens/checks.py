@@ -58,7 +58,9 @@ def check_tome_step(tome_step):
         out = tome_step(x, size, metric, r)
         require(isinstance(out, tuple) and len(out) >= 2, "return a tuple (x_merged, size_merged)")
         gx, gs = out[0], out[1]
-        require(tuple(gx.shape) == (B, n - r, D), f"expected {n - r} tokens after merging r={r} of {n}, got shape {tuple(gx.shape)}")
+        require(tuple(gx.shape) == (B, n - r, D),
+                f"expected {n - r} tokens after merging r={r} of {n}, "
+                f"got shape {tuple(gx.shape)}")
         assert_close((gs[..., None] * gx).sum(1), (size[..., None] * x).sum(1),
                      what="size-weighted sum of the tokens (a merge must preserve it)", atol=1e-4)
         assert_close(_rows_sorted(gx, gs), _rows_sorted(ex, es),

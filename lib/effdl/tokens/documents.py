@@ -174,7 +174,8 @@ def make_documents(
         raise ValueError(f"n must be a positive int, got {n!r}")
     H, W = (int(size[0]), int(size[1]))
     if H < 4 * stamp_px or W < 4 * stamp_px:
-        raise ValueError(f"page size {size} is too small for a {stamp_px}px stamp; use at least {4 * stamp_px}px a side")
+        raise ValueError(f"page size {size} is too small for a {stamp_px}px stamp; "
+                         f"use at least {4 * stamp_px}px a side")
     bad = [k for k in kinds if k not in KINDS]
     if bad or not kinds:
         raise ValueError(f"unknown page kinds {bad}; choose from {KINDS}")

@@ -59,7 +59,9 @@ def measure_methods(model, images, labels, *, keeps, batch: int = 64, repeat: in
     rows = []
     for method, keep in tqdm(pairs, desc="accuracy", disable=not progress, leave=False):
         ev = evaluate(model, images, labels, method_fn(method, keep))
-        rows.append({"method": method, "keep": keep, "mean_tokens_kept_frac": ev["kept_frac"], "accuracy": ev["accuracy"],
+        rows.append({"method": method, "keep": keep,
+                     "mean_tokens_kept_frac": ev["kept_frac"],
+                     "accuracy": ev["accuracy"],
                      "gflops": model.flops(ev["kept_frac"] * model.n_patches) / 1e9})
     if not latency:
         return rows

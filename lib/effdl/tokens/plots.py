@@ -1,9 +1,8 @@
 """Figures of the token-compression chapter: kept tokens on pages, and an interactive explorer.
 
 :func:`kept_tokens_figure` is a plain matplotlib figure (what the static site shows);
-:func:`explore_kept` adds ipywidgets controls around the same drawing.  The widgets use only
-``IntSlider``, ``FloatSlider``, ``Dropdown``, ``Output`` and ``interactive_output``, which behave the
-same in ipywidgets 7.7.1 (Colab) and 8.x.
+:func:`explore_kept` adds ipywidgets controls around the same drawing, through
+:func:`effdl.plot.explorer` (only the widgets ipywidgets 7.7.1, Colab's, and 8.x share).
 """
 
 from __future__ import annotations
@@ -67,37 +66,28 @@ def kept_tokens_figure(model, images, reducers: dict, *, pages=(0, 1, 2), seed: 
 def explore_kept(model, images, make_reducer, methods, *, titles=None, keep: float = 0.5):
     """Interactive: choose page, method and budget; always returns the static figure too.
 
-    ``make_reducer(name, keep)`` builds a reducer.  Without ipywidgets (or without a live kernel,
-    as on the static site: `make book` sets ``$EFFDL_SITE_BUILD``) the static figure of page 0 for
-    every method is what you see.
+    ``make_reducer(name, keep)`` builds a reducer.  The static figure (page 0, every
+    method) is always made and returned; the controls come from
+    :func:`effdl.plot.explorer`, so none appear on the site (`make book` sets
+    ``$EFFDL_SITE_BUILD``) or without ipywidgets.  They start at page 0, the last
+    method and ``keep``.
     """
     import matplotlib.pyplot as plt
 
-    static = kept_tokens_figure(model, images, {m: make_reducer(m, keep) for m in methods}, pages=[0],
+    from effdl.plot import explorer
+
+    methods = list(methods)
+    reducers = {m: make_reducer(m, keep) for m in methods}
+    static = kept_tokens_figure(model, images, reducers, pages=[0],
                                 titles=None if titles is None else titles[:1])
-    import os
 
-    from effdl.plot import SITE_BUILD_ENV
-
-    if os.environ.get(SITE_BUILD_ENV):  # building the site: a static page can't run callbacks, no dead widget
-        return static
-    try:
-        import ipywidgets as w
-        from IPython.display import display
-    except ImportError:  # the static figure is the fallback
-        return static
-    page = w.IntSlider(value=0, min=0, max=len(images) - 1, description="page")
-    method = w.Dropdown(options=list(methods), value=list(methods)[-1], description="method")
-    budget = w.FloatSlider(value=keep, min=0.1, max=1.0, step=0.05, description="keep")
-
-    def draw(page, method, keep):
+    def draw(page=0, method=methods[-1], keep=keep):
         fig, ax = plt.subplots(figsize=(3.2, 3.4))
         title = method if titles is None else f"{method} · {titles[page]}"
         _draw(ax, model, images[page], make_reducer(method, keep), title)
-        plt.show()
+        return fig
 
-    out = w.interactive_output(draw, {"page": page, "method": method, "keep": budget})
-    display(w.VBox([w.HBox([page, method, budget]), out]))
+    explorer(draw, (), page=(0, len(images) - 1), method=methods, keep=(0.1, 1.0, 0.05))
     return static
 
 

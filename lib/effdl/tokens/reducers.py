@@ -28,7 +28,6 @@ tcc             correlation-guided: per-crop budget from key redundancy, samplin
 from __future__ import annotations
 
 import functools
-import math
 
 import torch
 import torch.nn.functional as F

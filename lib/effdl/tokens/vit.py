@@ -165,7 +165,10 @@ class TinyViT(nn.Module):
         super().__init__()
         H, W = image_size
         if H % crop or W % crop or crop % patch:
-            raise ValueError(f"need H, W multiples of crop and crop a multiple of patch; got {image_size}, {crop}, {patch}")
+            raise ValueError(
+                "need H, W multiples of crop and crop a multiple of patch; "
+                f"got {image_size}, {crop}, {patch}"
+            )
         if not 0 <= reduce_at < depth:
             raise ValueError(f"reduce_at={reduce_at} must be in [0, depth={depth})")
         self.image_size, self.crop, self.patch = (H, W), crop, patch
@@ -179,7 +182,9 @@ class TinyViT(nn.Module):
         self.blocks = nn.ModuleList(Block(dim, heads, mlp_ratio) for _ in range(depth))
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, n_classes)
-        self.register_buffer("crop_id", torch.arange(self.n_crops).repeat_interleave(self.tokens_per_crop), persistent=False)
+        # the crop each patch token comes from
+        crop_id = torch.arange(self.n_crops).repeat_interleave(self.tokens_per_crop)
+        self.register_buffer("crop_id", crop_id, persistent=False)
 
     def flops(self, n_kept: float | None = None) -> float:
         """FLOPs of one page when ``n_kept`` patch tokens go on after the reducer (default: all).
