@@ -19,13 +19,24 @@ def root() -> Path:
 
 @pytest.fixture(autouse=True)
 def _seed_everything():
-    """Every test starts from the same random state, whatever ran before it (no order-dependent flakes)."""
+    """Every test starts from the same random state, whatever ran before it (no order-dependent flakes),
+    and leaves torch's thread count and the global random states as it found them."""
     import random
 
     import numpy as np
     import torch
 
+    threads = torch.get_num_threads()
+    py_state, np_state, torch_state = random.getstate(), np.random.get_state(), torch.random.get_rng_state()
+    # why is_initialized: asking for the CUDA states would initialize CUDA in every test process
+    cuda_states = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
     random.seed(0)
     np.random.seed(0)
     torch.manual_seed(0)
     yield
+    torch.set_num_threads(threads)
+    random.setstate(py_state)
+    np.random.set_state(np_state)
+    torch.random.set_rng_state(torch_state)
+    if cuda_states is not None:
+        torch.cuda.set_rng_state_all(cuda_states)

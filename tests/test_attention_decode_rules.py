@@ -1,9 +1,9 @@
 """The shared rules of decoding: the one split-KV chunking rule and the online-softmax guards.
 
-``even_split`` is the only place key chunks are cut (the PyTorch split-KV path and the Triton
-wrapper both call it); ``safe_shift`` / ``safe_rescale`` / ``finalize`` / ``state_lse`` are
-the only -inf guard and finalisation (the state functions, the tiled passes and decoding call
-them).
+``split_chunk`` is the only place key chunks are cut (the PyTorch split-KV path and the
+Triton wrapper both call it; ``even_split`` lists its chunks).  ``safe_shift``,
+``safe_rescale``, ``finalize`` and ``state_lse`` are the only -inf guard and finalisation
+(the state functions, the tiled passes and decoding call them).
 """
 
 from __future__ import annotations
@@ -13,9 +13,15 @@ import math
 import pytest
 import torch
 
-from effdl.attention.decode import decode_attention, even_split
+from effdl.attention.decode import decode_attention, even_split, split_chunk
 from effdl.attention.softmax import (
-    finalize, init_state, merge_states, safe_rescale, safe_shift, state_lse, update_state,
+    finalize,
+    init_state,
+    merge_states,
+    safe_rescale,
+    safe_shift,
+    state_lse,
+    update_state,
 )
 from effdl.reference import naive_attention
 
@@ -41,7 +47,9 @@ def test_even_split_covers_every_key_once(L, splits, block):
     assert len(bounds) <= min(n, L)                         # never more chunks than keys
     sizes = [end - start for start, end in bounds]
     assert all(c == sizes[0] for c in sizes[:-1]) and sizes[-1] <= sizes[0]
-    assert sizes[0] == math.ceil(L / n) or sizes[0] % block == 0   # whole tiles once c >= block
+    c = split_chunk(L, n, block=block)
+    assert c == math.ceil(L / n) or c % block == 0         # whole tiles once c >= block
+    assert sizes[0] == min(c, L) and len(bounds) == math.ceil(L / c)
 
 
 def test_even_split_examples_and_edges():
@@ -49,14 +57,19 @@ def test_even_split_examples_and_edges():
     assert even_split(10, 6) == [(0, 2), (2, 4), (4, 6), (6, 8), (8, 10)]   # 5 < 6 chunks
     assert even_split(200, 3, block=64) == [(0, 128), (128, 200)]            # 67 -> 128 keys
     assert even_split(100, 3, block=64) == [(0, 34), (34, 68), (68, 100)]    # 34 < 64: kept
-    assert even_split(0, 3) == []                                            # no keys, no chunk
+    assert even_split(0, 3) == [] and split_chunk(0, 3) == 0                 # no keys
+    # one chunk: c stays rounded (the Triton autotuner keys on it), not cut to L
+    assert split_chunk(65, 1, block=64) == 128
+    assert even_split(65, 1, block=64) == [(0, 65)]
 
 
 @pytest.mark.parametrize("args, match", [
     ((10, 0), "num_splits"), ((10, 2.0), "num_splits"), ((10, True), "num_splits"),
     ((10, 2, 0), "block"), ((-1, 2), "L"), ((3.5, 2), "L"),
 ])
-def test_even_split_bad_input(args, match):
+def test_split_bad_input(args, match):
+    with pytest.raises(ValueError, match=match):
+        split_chunk(*args)
     with pytest.raises(ValueError, match=match):
         even_split(*args)
 
@@ -69,7 +82,8 @@ def test_guard_gives_zero_not_nan_for_a_fully_masked_row():
     assert safe_shift(m_new).tolist() == [0.0, 3.0, 2.0]
     alpha = safe_rescale(m_old, m_new)
     assert not alpha.isnan().any()
-    assert alpha.tolist() == [0.0, math.exp(1.0 - 3.0), 0.0]
+    assert alpha[0] == 0 and alpha[2] == 0
+    assert alpha[1].item() == pytest.approx(math.exp(1.0 - 3.0), rel=1e-6)
     naive = torch.exp(m_old - m_new)                        # what the guard avoids
     assert naive[0].isnan()
 

@@ -25,7 +25,8 @@ def test_counts_by_hand():
 
 
 @pytest.mark.parametrize("alg", iosim.ALGORITHMS)
-@pytest.mark.parametrize("N,d,M", [(8, 2, 60), (100, 16, 2000), (513, 32, 5000), (257, 64, 1000), (1000, 64, 16384), (77, 8, 4096)])
+@pytest.mark.parametrize("N,d,M", [(8, 2, 60), (100, 16, 2000), (513, 32, 5000), (257, 64, 1000),
+                                   (1000, 64, 16384), (77, 8, 4096)])
 def test_simulation_matches_closed_form(alg, N, d, M):
     try:
         sim = io_count(alg, N, d, M)

@@ -54,10 +54,11 @@ def _tags(cell) -> set[str]:
 
 def _top_level_imports(source: str) -> list[str]:
     """The top-level import statements of a code cell (IPython ``%`` / ``!`` lines are skipped)."""
-    lines = [("pass" if line.lstrip().startswith(("%", "!")) else line) for line in source.splitlines()]
-    # keep the indentation of a replaced magic line, so the block around it still parses
-    lines = [(orig[: len(orig) - len(orig.lstrip())] + new if new == "pass" else new)
-             for orig, new in zip(source.splitlines(), lines)]
+    def plain(line: str) -> str:  # a magic becomes `pass` at its indentation: the block around it still parses
+        body = line.lstrip()
+        return line[: len(line) - len(body)] + "pass" if body.startswith(("%", "!")) else line
+
+    lines = [plain(line) for line in source.splitlines()]
     try:
         tree = ast.parse("\n".join(lines))
     except SyntaxError:
@@ -122,7 +123,8 @@ def test_chapter_exercises_are_well_formed(chapter):
 @pytest.mark.parametrize("chapter", chapters.names())
 def test_no_notebook_calls_checks_the_old_way(chapter):
     text = (ROOT / "notebooks" / f"{chapter}.ipynb").read_text()
-    assert "effdl.checks.check_" not in text, "call checks as checks.<name>(...) after `from effdl.<chapter> import checks`"
+    assert "effdl.checks.check_" not in text, (
+        "call checks as checks.<name>(...) after `from effdl.<chapter> import checks`")
 
 
 @pytest.mark.parametrize("chapter, i", _params())

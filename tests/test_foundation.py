@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 
 import numpy as np
 import pytest
 import torch
 
-from effdl import profile
-from effdl.bench.core import load_results, print_table, run_sweep, write_json
+from effdl import chapters, profile
+from effdl.bench.core import free_cached, is_oom, oom_guard, print_table, run_sweep, write_json
 from effdl.checks import ExerciseFailed, assert_close, exercise_check, require
 
 
@@ -37,20 +36,14 @@ def test_unknown_chapter_sizes():
         profile.sizes("cooking")
 
 
-@pytest.mark.parametrize("chapter", sorted(profile.CHAPTER_SIZE_MODULES))
-def test_every_chapter_has_all_three_profiles(chapter):
-    import importlib
-
-    table = importlib.import_module(profile.CHAPTER_SIZE_MODULES[chapter]).SIZES
-    assert set(table) == set(profile.PROFILES)
-    assert len({type(v) for v in table.values()}) == 1, "one dataclass per chapter"
-
-
 # --- benchmark harness ------------------------------------------------------------------------
 def test_run_sweep_rows_and_derived_units():
+    def matmul(c):
+        a = torch.ones(c["n"], c["n"])
+        return lambda: a @ a
+
     rows = run_sweep([{"n": 8}, {"n": 16}],
-                     {"mm": lambda c: (lambda a=torch.ones(c["n"], c["n"]): a @ a),
-                      "skip": lambda c: None},
+                     {"mm": matmul, "skip": lambda c: None},
                      derive=lambda c, ms: {"gflops": 2 * c["n"] ** 3 / (ms * 1e6)},
                      warmup=1, repeat=3, memory=True, progress=False)
     assert [r["n"] for r in rows] == [8, 16]  # the skipped implementation adds no rows
@@ -80,22 +73,35 @@ def test_table_json_roundtrip(tmp_path, capsys):
     doc = write_json(rows, tmp_path / "r.json", chapter="test")
     assert doc["meta"]["torch"] == torch.__version__ and doc["meta"]["chapter"] == "test"
     assert {"device", "date", "profile", "triton"} <= set(doc["meta"])
-    assert load_results(tmp_path / "r.json")["results"] == rows
+    assert json.loads((tmp_path / "r.json").read_text()) == json.loads(json.dumps(doc))
 
 
-def test_load_results_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="regenerate"):
-        load_results(tmp_path / "missing.json")
-    (tmp_path / "x.json").write_text(json.dumps([1, 2]))
-    with pytest.raises(ValueError, match="meta"):
-        load_results(tmp_path / "x.json")
+@pytest.mark.parametrize("exc, oom", [
+    (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1 TiB"), True),
+    (MemoryError(), True),
+    (RuntimeError("[enforce fail at alloc_cpu.cpp] DefaultCPUAllocator: not enough memory: out of memory"), True),
+    (RuntimeError("shape mismatch"), False),
+    (ValueError("bad size"), False),
+])
+def test_is_oom(exc, oom):
+    assert is_oom(exc) is oom
 
 
-def test_bench_cli_rejects_unknown_chapter(capsys):
-    from effdl.bench.__main__ import main
-
-    with pytest.raises(SystemExit):
-        main(["nonsense"])
+def test_oom_guard_records_out_of_memory_and_lets_other_errors_through():
+    row = {"impl": "naive", "N": 1 << 20}
+    with oom_guard(row, "cpu") as r:
+        assert r is row
+        raise RuntimeError("CUDA out of memory. Tried to allocate 4.00 GiB")
+    assert row == {"impl": "naive", "N": 1 << 20, "error": "out of memory"}
+    row = {"impl": "ok"}
+    with oom_guard(row):
+        row["ms"] = 1.0
+    assert row == {"impl": "ok", "ms": 1.0}  # no error: the row is untouched
+    with pytest.raises(ValueError, match="not memory"):
+        with oom_guard({}, "cpu"):
+            raise ValueError("not memory")
+    free_cached("cpu")  # a no-op off CUDA
+    free_cached(None)
 
 
 # --- exercise checks --------------------------------------------------------------------------
@@ -136,17 +142,18 @@ def test_assert_close_messages():
         assert_close(torch.zeros(3), torch.ones(3), what="x")
 
 
-def test_unknown_check_name():
-    import effdl.checks
+def test_chapter_checks_lists_a_chapters_checks():
+    from effdl.checks import chapter_checks
 
-    with pytest.raises(AttributeError, match="no check named"):
-        effdl.checks.definitely_not_a_check  # noqa: B018
+    assert chapter_checks("measuring") == list(chapters.module("measuring", "checks").__all__)
+    with pytest.raises(ValueError, match="unknown chapter"):
+        chapter_checks("cooking")
 
 
 # --- show --------------------------------------------------------------------------------------
 def test_show_source_renders_markdown():
-    from effdl.show import _Source, source_of, _origin
     from effdl.measure import benchmark
+    from effdl.show import _origin, _Source, source_of
 
     src = _Source(source_of(benchmark), _origin(benchmark))
     md = src._repr_markdown_()
@@ -242,23 +249,3 @@ def test_explorer_always_draws_static_figures(monkeypatch):
     monkeypatch.delenv("EFFDL_SITE_BUILD")
     widget = explorer(draw, static=[{"k": 3}], k=(1, 5))
     assert drawn[:3] == [1, 2, 3] and widget is not None
-
-
-def test_bench_cli_writes_table_plot_and_json_into_new_folders(tmp_path, monkeypatch):
-    """Regression: a chapter's plot() saved before --json's folder existed (FileNotFoundError)."""
-    import types
-
-    import matplotlib.pyplot as plt
-
-    from effdl.bench import __main__ as cli
-
-    fake = types.SimpleNamespace(
-        run=lambda profile, device: [{"impl": "a", "N": 2, "ms": 1.0}, {"impl": "a", "N": 4, "ms": 2.0}],
-        plot=lambda rows, path: plt.figure().savefig(path),
-    )
-    monkeypatch.setattr(cli, "CHAPTERS", {**cli.CHAPTERS, "fake": "fake_bench_module"})
-    monkeypatch.setattr(cli, "importlib", types.SimpleNamespace(import_module=lambda name: fake))
-    out = tmp_path / "new" / "dir" / "fake.json"
-    assert cli.main(["fake", "--json", str(out), "--device", "cpu"]) == 0
-    assert out.exists() and out.with_suffix(".png").exists()
-    assert json.loads(out.read_text())["results"][1]["ms"] == 2.0

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from effdl.bench.gpu_suite import gpu_slug, main, ratio_summary
+from effdl.bench.gpu_suite import gpu_slug, main
 
 
 @pytest.mark.parametrize("name, slug", [
@@ -12,13 +12,6 @@ from effdl.bench.gpu_suite import gpu_slug, main, ratio_summary
 ])
 def test_gpu_slug(name, slug):
     assert gpu_slug(name) == slug
-
-
-def test_ratio_summary_matches_configs():
-    rows = [{"impl": "sdpa_flash", "N": 4096, "tflops": 200.0}, {"impl": "triton", "N": 4096, "tflops": 190.0},
-            {"impl": "triton", "N": 1024, "tflops": 50.0}]
-    assert ratio_summary(rows, key="tflops", impl="triton", baseline="sdpa_flash", group=("N",)) == [
-        {"N": 4096, "triton/sdpa_flash": 0.95}]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")

@@ -9,7 +9,19 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from effdl.measure import BenchResult, benchmark, count_flops, peak_memory, resolve_device, run_meta
+from effdl.measure import (
+    BenchResult,
+    benchmark,
+    count_flops,
+    cpu_thread_policy,
+    interleaved,
+    paired_ratio,
+    peak_memory,
+    quartiles,
+    resolve_device,
+    run_meta,
+    thread_check,
+)
 
 
 # ----------------------------------------------------------------------------------------- benchmark
@@ -158,3 +170,115 @@ def test_torch_threads_sets_and_restores():
     assert torch.get_num_threads() == before
     with torch_threads(None):
         assert torch.get_num_threads() == before
+
+
+# ----------------------------------------------------------------------------------------- threads
+def test_thread_check_restores_threads():
+    before = torch.get_num_threads()
+    tc = thread_check(n=32, rounds=3)
+    assert torch.get_num_threads() == before
+    assert tc["threads"] == before and tc["ratio"] > 0
+    assert tc["ratio"] == pytest.approx(tc["all_threads_ms"] / tc["one_thread_ms"])
+    with pytest.raises(ValueError):
+        thread_check(rounds=0)
+
+
+@pytest.mark.parametrize("threads, expected", [(1, 1), (None, "unchanged"), ("auto", "checked")])
+def test_cpu_thread_policy_sets_and_restores(monkeypatch, threads, expected):
+    import effdl.measure as measure
+
+    before = torch.get_num_threads()
+    # "auto" runs thread_check; a fake one that reports an oversubscribed machine (all threads slower)
+    monkeypatch.setattr(measure, "thread_check", lambda: {"threads": before, "ratio": 3.0})
+    with cpu_thread_policy("cpu", threads) as info:
+        inside = torch.get_num_threads()
+        assert info["threads_used"] == inside
+    assert torch.get_num_threads() == before
+    if expected == "unchanged":
+        assert inside == before and set(info) == {"threads_used"}
+    elif expected == "checked":
+        assert inside == 1 and info["ratio"] == 3.0  # more threads were slower: one thread
+    else:
+        assert inside == expected
+
+
+def test_cpu_thread_policy_auto_keeps_threads_when_they_help(monkeypatch):
+    import effdl.measure as measure
+
+    before = torch.get_num_threads()
+    monkeypatch.setattr(measure, "thread_check", lambda: {"threads": before, "ratio": 0.5})
+    with cpu_thread_policy("cpu", "auto") as info:
+        assert torch.get_num_threads() == before == info["threads_used"]
+
+
+def test_cpu_thread_policy_restores_when_the_body_raises():
+    before = torch.get_num_threads()
+    with pytest.raises(RuntimeError, match="boom"):
+        with cpu_thread_policy("cpu", 1):
+            assert torch.get_num_threads() == 1
+            raise RuntimeError("boom")
+    assert torch.get_num_threads() == before
+
+
+def test_cpu_thread_policy_leaves_a_gpu_alone(monkeypatch):
+    import effdl.measure as measure
+
+    monkeypatch.setattr(measure, "thread_check", lambda: pytest.fail("no thread check for a GPU"))
+    before = torch.get_num_threads()
+    with cpu_thread_policy(torch.device("cuda"), "auto") as info:  # no CUDA call is made
+        assert torch.get_num_threads() == before == info["threads_used"]
+
+
+@pytest.mark.parametrize("bad", [0, -2, "x", 1.5, "all"])
+def test_cpu_thread_policy_rejects_bad_thread_counts(bad):
+    with pytest.raises(ValueError, match="threads must be"):
+        with cpu_thread_policy("cpu", bad):
+            pass
+
+
+# ----------------------------------------------------------------------------------------- interleaved
+def test_interleaved_rotates_the_order_every_round():
+    calls: list[str] = []
+    fns = {name: (lambda name=name: calls.append(name)) for name in ("a", "b", "c")}
+    res = interleaved(fns, rounds=4, warmup=2)
+    assert calls[:6] == ["a", "a", "b", "b", "c", "c"]  # warm-up: each version, untimed
+    rounds = [calls[6 + 3 * r: 9 + 3 * r] for r in range(4)]
+    assert rounds == [["a", "b", "c"], ["b", "c", "a"], ["c", "a", "b"], ["a", "b", "c"]]
+    assert set(res) == {"a", "b", "c"}
+    for name, r in res.items():
+        assert isinstance(r, BenchResult) and r.label == name and r.warmup == 2 and r.device == "cpu"
+        assert len(r.times_ms) == 4 and r.min_ms <= r.median_ms and r.iqr_ms >= 0
+
+
+def test_interleaved_times_each_version():
+    res = interleaved({"slow": lambda: time.sleep(0.006), "fast": lambda: None}, rounds=3, warmup=0)
+    assert res["slow"].min_ms >= 5.9 and res["fast"].median_ms < res["slow"].median_ms
+
+
+@pytest.mark.parametrize("fns, kwargs, error", [
+    ({}, {}, TypeError),
+    ({"a": 3}, {}, TypeError),
+    ({"a": lambda: None}, {"rounds": 0}, ValueError),
+    ({"a": lambda: None}, {"warmup": -1}, ValueError),
+])
+def test_interleaved_rejects_bad_input(fns, kwargs, error):
+    with pytest.raises(error):
+        interleaved(fns, **kwargs)
+
+
+# ----------------------------------------------------------------------------------------- ratios
+def test_quartiles():
+    assert quartiles([5.0]) == (5.0, 5.0, 5.0)
+    assert quartiles([1, 2, 3, 4, 5]) == (2.0, 3.0, 4.0)
+    assert quartiles([4, 1, 3, 2]) == pytest.approx((1.75, 2.5, 3.25))  # inclusive method, any order
+    with pytest.raises(ValueError, match="empty"):
+        quartiles([])
+
+
+def test_paired_ratio_finds_a_known_ratio():
+    res = paired_ratio(lambda: time.sleep(0.006), lambda: time.sleep(0.002), warmup=1, repeat=6)
+    assert 1.5 < res["ratio"] < 3.5
+    assert len(res["a_times"]) == len(res["b_times"]) == 6 and res["ratio_q1"] <= res["ratio"] <= res["ratio_q3"]
+    assert res["a_ms"] > res["b_ms"]
+    with pytest.raises(ValueError):
+        paired_ratio(lambda: None, lambda: None, repeat=0)

@@ -69,11 +69,14 @@ def report() -> Capabilities:
     from effdl.profile import current
 
     c = capabilities()
-    print(f"device: {c.device} — {c.name}" + (f", sm_{c.compute_capability[0]}{c.compute_capability[1]}, {c.memory_gib} GiB" if c.compute_capability else ""))
+    sm = f", sm_{''.join(map(str, c.compute_capability))}, {c.memory_gib} GiB" if c.compute_capability else ""
+    print(f"device: {c.device} — {c.name}{sm}")
     print(f"torch {torch.__version__}, {c.threads} CPU threads, profile: {current()}")
     if c.device == "cpu":
         print("no GPU: GPU results are shown from recorded runs; live results are measured on this CPU.")
     else:
-        print(f"bf16: {'yes' if c.bf16 else 'no (needs sm_80+)'}; SDPA flash backend: {'yes' if c.sdpa_flash else 'no (needs sm_80+)'}")
-        print(f"Triton kernels of this course: {'yes' if c.triton_gpu else 'no (need sm_80+ and triton) — the PyTorch paths run instead'}")
+        no = "no (needs sm_80+)"
+        print(f"bf16: {'yes' if c.bf16 else no}; SDPA flash backend: {'yes' if c.sdpa_flash else no}")
+        triton_note = "no (need sm_80+ and triton) — the PyTorch paths run instead"
+        print(f"Triton kernels of this course: {'yes' if c.triton_gpu else triton_note}")
     return c

@@ -14,26 +14,34 @@ import math
 
 import torch
 
-from effdl.validate import check_qkv
 from effdl.attention.softmax import (
-    SoftmaxState, finalize, init_state, merge_lse, merge_states, safe_shift, state_lse,
+    SoftmaxState,
+    finalize,
+    init_state,
+    merge_lse,
+    merge_states,
+    safe_shift,
+    state_lse,
     update_state,
 )
+from effdl.validate import check_qkv
 
 BACKENDS = ("torch", "triton")
 
 
-def even_split(L: int, num_splits: int, block: int = 1) -> list[tuple[int, int]]:
-    """The split-KV rule: ``[(start, end), ...]``, key chunks covering [0, L) in order.
+def split_chunk(L: int, num_splits: int, block: int = 1) -> int:
+    """The split-KV rule: the chunk size c for ``L`` keys and ``num_splits`` splits.
 
-    All chunks have the size c = ⌈L / num_splits⌉ but the last, which may be shorter;
-    once c >= ``block``, c is rounded up to whole tiles of ``block`` keys.  No chunk is
-    empty, there are never more chunks than keys (none for L = 0), and there may be
-    fewer than ``num_splits``: L = 10 in 4 splits is 3, 3, 3, 1; in 6, five chunks of 2.
-    Both decode paths use it: :func:`split_kv_partials` and Triton's ``triton_decode``.
+    Chunk s holds keys [s·c, min((s+1)·c, L)) for s < ⌈L / c⌉ (:func:`even_split`
+    lists them): all of size c but the last, which may be shorter.  c is
+    ⌈L / num_splits⌉, rounded up to whole tiles of ``block`` keys once c >= ``block``.
+    So no chunk is empty, there are never more chunks than keys (none for L = 0,
+    where c = 0), and there may be fewer than ``num_splits``: L = 10 in 4 splits is
+    3, 3, 3, 1; in 6, five of 2.  Both decode paths use it: :func:`split_kv_partials`
+    and the Triton wrapper ``triton_decode``.
     """
     # why equal chunks: chunk s starts at s·c, so the PyTorch path reads the full chunks
-    # as one strided view (one batched matmul) and the Triton kernel needs only c and S.
+    # as one strided view (one batched matmul) and the Triton kernel needs only c.
     # why whole tiles: a kernel streaming `block`-key tiles never splits a tile between
     # two programs; short caches (c < block) keep all their splits instead.
     for name, n in (("num_splits", num_splits), ("block", block)):
@@ -41,12 +49,14 @@ def even_split(L: int, num_splits: int, block: int = 1) -> list[tuple[int, int]]
             raise ValueError(f"{name} must be a positive int, got {n!r}")
     if not isinstance(L, int) or isinstance(L, bool) or L < 0:
         raise ValueError(f"L (the number of keys) must be an int >= 0, got {L!r}")
-    if L == 0:
-        return []
     chunk = -(-L // num_splits)
-    if chunk >= block:
-        chunk = -(-chunk // block) * block
-    return [(start, min(start + chunk, L)) for start in range(0, L, chunk)]
+    return -(-chunk // block) * block if chunk >= block else chunk
+
+
+def even_split(L: int, num_splits: int, block: int = 1) -> list[tuple[int, int]]:
+    """:func:`split_chunk`'s chunks as ``[(start, end), ...]``: [0, L) in order."""
+    chunk = split_chunk(L, num_splits, block)
+    return [(start, min(start + chunk, L)) for start in range(0, L, chunk)] if L else []
 
 
 def default_num_splits(rows: int, L: int, device: torch.device, min_chunk: int = 256) -> int:
@@ -66,20 +76,20 @@ def default_num_splits(rows: int, L: int, device: torch.device, min_chunk: int =
 def split_kv_partials(q, k, v, num_splits: int, causal: bool = True, scale: float | None = None):
     """Partial results of each key chunk: ``(out (S, ..., Nq, dv), lse (S, ..., Nq))``, vectorized.
 
-    The chunks are :func:`even_split`'s: S <= ``num_splits`` of them (none for L = 0).
+    The chunks are :func:`split_chunk`'s: S <= ``num_splits`` of them (none for L = 0).
     The equal ones are taken together as views of the cache (no copy), a shorter last
     one on its own.  Scores are computed in the cache's dtype (fp32 accumulation inside
-    the matmul) and turned into fp32 for the softmax statistics, as a GPU kernel does.
+    the matmul) and the softmax statistics in fp32 (fp16/bf16 caches; else the cache's
+    dtype), as a GPU kernel does.
     """
     scale = check_qkv(q, k, v, scale)
     nq, L = q.shape[-2], k.shape[-2]
     acc = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
-    bounds = even_split(L, num_splits)
-    if not bounds:                                     # no keys, no split: merges to 0
+    chunk = split_chunk(L, num_splits)
+    if L == 0:                                         # no keys, no split: merges to 0
         lead = (0, *q.shape[:-1])
         return (q.new_zeros((*lead, v.shape[-1]), dtype=acc),
                 q.new_full(lead, float("-inf"), dtype=acc))
-    chunk = bounds[0][1] - bounds[0][0]
     n_full = L // chunk                                # all but a shorter last chunk
     qs = q * scale
     key_limit = torch.arange(nq, device=q.device) + (L - nq) if causal else torch.full((nq,), L - 1, device=q.device)
@@ -105,7 +115,7 @@ def decode_attention(q, k_cache, v_cache, num_splits: int | None = None, backend
                      causal: bool = True, scale: float | None = None) -> torch.Tensor:
     """Split-KV (Flash-Decoding) attention of ``q`` (B, H, Nq, d) against a cache (B, H, L, d).
 
-    Up to ``num_splits`` key chunks (:func:`even_split`; by default
+    Up to ``num_splits`` key chunks (:func:`split_chunk`; by default
     :func:`default_num_splits`) are processed independently and merged by their
     logsumexps.  ``backend="triton"`` runs the Triton kernels (CUDA sm_80+, or the CPU
     under TRITON_INTERPRET=1).  ``causal`` aligns bottom-right, so with Nq = 1 every key
@@ -132,7 +142,7 @@ def lean_schedule(num_heads: int, tiles_per_head: int, workers: int) -> list[lis
 
     Returns, per worker, its segments ``(head, first_tile, end_tile)``; a worker's range may end in
     one head and continue in the next, so every worker does the same work however heads and lengths
-    divide.  Each head's partial states are then merged.  (Not :func:`even_split`'s
+    divide.  Each head's partial states are then merged.  (Not :func:`split_chunk`'s
     rule, on purpose: that one cuts each head's keys alone, into equal chunks.)
     """
     if min(num_heads, tiles_per_head, workers) < 1:

@@ -18,16 +18,15 @@ Speed tricks, each with its reason:
 
 from __future__ import annotations
 
-import math
 import os
 
 import torch
 import triton
 import triton.language as tl
 
-from effdl.validate import check_qkv
-from effdl.attention.decode import even_split
+from effdl.attention.decode import split_chunk
 from effdl.attention.tiled import flash2_backward
+from effdl.validate import check_qkv
 
 LOG2E = 1.4426950408889634
 
@@ -343,7 +342,7 @@ def triton_decode(q, k, v, num_splits: int, causal: bool = True, scale: float | 
                   tuned: bool = True, block_n: int | None = None) -> torch.Tensor:
     """Split-KV decode with the Triton kernels: partials per (row, split), then the logsumexp merge.
 
-    The splits are :func:`effdl.attention.decode.even_split`'s with ``block=64``: up to
+    The splits are :func:`effdl.attention.decode.split_chunk`'s with ``block=64``: up to
     ``num_splits`` chunks.  An empty cache (L = 0) gives zeros.
     """
     scale = check_qkv(q, k, v, scale)
@@ -357,12 +356,12 @@ def triton_decode(q, k, v, num_splits: int, causal: bool = True, scale: float | 
     out = torch.empty_like(q4)
     rows = B * H * nq
     # the library's one split-KV rule, in whole 64-key tiles once chunks reach 64 keys
-    bounds = even_split(L, num_splits, block=64)
-    if rows == 0 or not bounds:                          # L = 0: every row is 0
+    chunk = split_chunk(L, num_splits, block=64)
+    if rows == 0 or L == 0:                              # L = 0: every row is 0
         return out.zero_().reshape(shape)
     block_d = max(16, triton.next_power_of_2(d))
-    # the kernel takes no list: program s reads keys [s·chunk, (s+1)·chunk) ∩ [0, L)
-    chunk, num_splits = bounds[0][1] - bounds[0][0], len(bounds)
+    # program s reads keys [s·chunk, (s+1)·chunk) ∩ [0, L); CHUNK is an autotune key
+    num_splits = -(-L // chunk)
     op = torch.empty((rows, num_splits, block_d), dtype=torch.float32, device=q.device)
     lp = torch.empty((rows, num_splits), dtype=torch.float32, device=q.device)
     args = (q4, k4, v4, op, lp, scale * LOG2E, *q4.stride(), *k4.stride(), *v4.stride(),

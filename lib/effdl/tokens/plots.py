@@ -99,7 +99,8 @@ def plot_tradeoff(rows, axes=None):
     if axes is None:
         _, axes = plt.subplots(1, 2, figsize=(11, 3.8))
     for method in dict.fromkeys(r["method"] for r in vit):
-        pts = sorted((r["mean_tokens_kept_frac"], r["accuracy"], r.get("ms_batch64")) for r in vit if r["method"] == method)
+        pts = sorted((r["mean_tokens_kept_frac"], r["accuracy"], r.get("ms_batch64"))
+                     for r in vit if r["method"] == method)
         if method == "keep_all":  # one point: draw it as a reference line across the panel
             axes[0].axhline(100 * pts[0][1], color="k", ls="--", lw=1, label="keep_all")
             if pts[0][2] is not None:
