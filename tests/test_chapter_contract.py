@@ -203,7 +203,11 @@ def test_a_new_chapter_is_graded_and_gets_a_student_version(toy_chapter, tmp_pat
 def test_bench_run_and_plot_at_smoke_sizes(chapter):
     import matplotlib.pyplot as plt
 
-    rows = chapters.module(chapter, "bench").run(sizes(chapter, "smoke"), torch.device("cpu"))
+    from effdl.measure import torch_threads
+
+    # why one thread: smoke sizes are tiny ops, and on a shared 2-core machine more threads only wait
+    with torch_threads(1):
+        rows = chapters.module(chapter, "bench").run(sizes(chapter, "smoke"), torch.device("cpu"))
     assert rows and all(isinstance(r, dict) for r in rows)
     json.dumps(rows, default=str)  # rows are what the JSON file holds
     fig = chapters.module(chapter, "plots").plot_bench(rows)

@@ -102,7 +102,8 @@ def cpu_thread_policy(device, threads: int | str | None = "auto"):
     machine).  On a GPU nothing changes.  Yields a dict saying what was decided (for a result row).
     """
     dev = torch.device(device) if device is not None else torch.device("cpu")
-    if threads is not None and threads != "auto" and (not isinstance(threads, int) or threads < 1):
+    bad_int = not isinstance(threads, int) or isinstance(threads, bool) or threads < 1
+    if threads is not None and threads != "auto" and bad_int:
         raise ValueError(f"threads must be None, 'auto' or a positive int, got {threads!r}")
     with torch_threads(None):
         info: dict[str, Any] = {}

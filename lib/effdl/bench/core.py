@@ -34,8 +34,11 @@ __all__ = ["run_sweep", "interleaved", "is_oom", "oom_guard", "free_cached", "pr
 
 def is_oom(exc: BaseException) -> bool:
     """Did ``exc`` come from running out of memory (CUDA's allocator, or the host's)?"""
-    return (isinstance(exc, (torch.OutOfMemoryError, MemoryError))
-            or "out of memory" in str(exc).lower())
+    if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    # why RuntimeError only: older torch and some backends (cuDNN, cuBLAS) raise a plain
+    # RuntimeError("... out of memory ..."); any other type is a real error and must propagate
+    return type(exc) is RuntimeError and "out of memory" in str(exc).lower()
 
 
 def free_cached(device=None) -> None:

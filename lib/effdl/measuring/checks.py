@@ -1,4 +1,5 @@
-"""Checks for the chapter "Measuring efficiency" (``effdl.checks.<name>(your_function)``)."""
+"""Checks for the chapter "Measuring efficiency" (``checks.<name>(your_function)`` after
+``from effdl.measuring import checks``)."""
 
 from __future__ import annotations
 

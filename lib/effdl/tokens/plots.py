@@ -10,7 +10,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-__all__ = ["kept_tokens_figure", "explore_kept", "token_overlay"]
+__all__ = ["kept_tokens_figure", "explore_kept", "token_overlay", "plot_tradeoff", "plot_kv",
+           "plot_bench", "plot_recorded"]
 
 
 @torch.no_grad()
