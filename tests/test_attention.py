@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 from hypothesis import given, settings
@@ -64,7 +62,8 @@ def test_tiled_rectangular_and_lse(nq, nk, causal):
 def test_fully_masked_rows_give_zero():
     """Regression: with more queries than keys, causal rows that see no key must be 0, not NaN."""
     q, k, v = _qkv(1, 1, 6, 2, 8, torch.float32)
-    for out in (att.naive_attention(q, k, v, causal=True), att.tiled_attention(q, k, v, causal=True, block_q=2, block_k=1),
+    for out in (att.naive_attention(q, k, v, causal=True),
+                att.tiled_attention(q, k, v, causal=True, block_q=2, block_k=1),
                 att.flash1_forward(q, k, v, causal=True, block_q=4, block_k=1)[0]):
         assert torch.isfinite(out).all()
         assert (out[..., :4, :] == 0).all()
@@ -91,7 +90,10 @@ def test_tiled_gradients_3x_rule(dtype, causal, N, d):
 
 def test_tiled_gradcheck_fp64():
     q, k, v = (t.requires_grad_() for t in _qkv(1, 1, 7, 5, 3, torch.float64))
-    assert torch.autograd.gradcheck(lambda a, b, c: att.tiled_attention(a, b, c, causal=True, block_q=3, block_k=2), (q, k, v))
+    def tiled(a, b, c):
+        return att.tiled_attention(a, b, c, causal=True, block_q=3, block_k=2)
+
+    assert torch.autograd.gradcheck(tiled, (q, k, v))
 
 
 @settings(max_examples=12, deadline=None)
@@ -141,7 +143,8 @@ def test_merge_is_associative_and_has_identity():
 
 # --- causal tiles ---------------------------------------------------------------------------
 
-@pytest.mark.parametrize("nq,nk,bq,bk", [(8, 8, 4, 4), (77, 77, 16, 32), (5, 70, 4, 8), (70, 5, 8, 2), (1, 513, 1, 128)])
+@pytest.mark.parametrize("nq,nk,bq,bk",
+                         [(8, 8, 4, 4), (77, 77, 16, 32), (5, 70, 4, 8), (70, 5, 8, 2), (1, 513, 1, 128)])
 def test_causal_tile_plan_matches_mask(nq, nk, bq, bk):
     mask = torch.arange(nk)[None, :] <= torch.arange(nq)[:, None] + (nk - nq)
     plan = causal_tile_plan(nq, nk, bq, bk)

@@ -45,7 +45,6 @@ def test_interpreted_kernel_2x_rule(results, i):
 
 
 def test_interpreter_rejects_bf16():
-    import json
     import os
     import subprocess
     import sys

@@ -146,7 +146,8 @@ def test_book_builds_without_warnings(tmp_path):
     html = tmp_path / "_build" / "html"
     for stem in CHAPTERS:
         page = (html / "book" / f"{stem}.html").read_text()
-        links = set(re.findall(r'href="https://colab\.research\.google\.com/github/([^/]+/[^/]+)/blob/([^/]+)/([^"]+)"', page))
+        colab = r'href="https://colab\.research\.google\.com/github/([^/]+/[^/]+)/blob/([^/]+)/([^"]+)"'
+        links = set(re.findall(colab, page))
         assert links == {(REPO_URL.split("github.com/")[1], BRANCH, f"notebooks/{stem}.ipynb")}, links
         assert "colab.research.google.com/github" not in page.split('<main', 1)[0], "JB's own Colab button is back"
     assert "bibliography" in (html / "book" / "bibliography.html").read_text().lower()

@@ -35,8 +35,8 @@ def _run_case(case: dict) -> dict:
 
     from effdl.accuracy import within_baseline
     from effdl.attention.decode import decode_attention
-    from effdl.reference import naive_attention
     from effdl.attention.triton_kernels import triton_attention
+    from effdl.reference import naive_attention
 
     kind, N, d = case["kind"], case["N"], case["d"]
     nk = case.get("Nk", N)

@@ -50,7 +50,8 @@ def check_triton_device(t: torch.Tensor) -> None:
     if t.device.type == "cpu" and interpreting():
         if t.dtype not in (torch.float16, torch.float32):
             raise TypeError(
-                f"under TRITON_INTERPRET=1 only fp32 and fp16 work (the interpreter's bf16 gives garbage); got {t.dtype}"
+                "under TRITON_INTERPRET=1 only fp32 and fp16 work (the interpreter's bf16 "
+                f"gives garbage); got {t.dtype}"
             )
         return
     raise RuntimeError(
@@ -321,7 +322,8 @@ def _decode_merge(OP, LP, O, stride_oz, stride_oh, stride_om, stride_od, H, N_Q,
     m = tl.max(lse, 0)
     m = tl.where(m == float("-inf"), 0.0, m)
     w = tl.exp2(lse - m)                                                 # splits that saw nothing: 0
-    part = tl.load(OP + (row * NUM_SPLITS + offs_s[:, None]) * BLOCK_D + offs_d[None, :], mask=mask_s[:, None], other=0.0)
+    part_ptrs = OP + (row * NUM_SPLITS + offs_s[:, None]) * BLOCK_D + offs_d[None, :]
+    part = tl.load(part_ptrs, mask=mask_s[:, None], other=0.0)
     total = tl.sum(w, 0)
     out = tl.sum(part * w[:, None], 0) / tl.where(total == 0.0, 1.0, total)
     tl.store(O + z * stride_oz + h * stride_oh + t * stride_om + offs_d * stride_od,
