@@ -42,7 +42,8 @@ notebooks: setup  ## regenerate notebooks/*.ipynb (and Colab links) from book/*.
 	$(PY) .ci/sync_notebooks.py
 
 bench: setup  ## every chapter's benchmark in the cpu profile, JSON into _build/bench
-	for c in $$($(PY) -m effdl.bench --list); do EFFDL_PROFILE=cpu $(PY) -m effdl.bench $$c --json _build/bench/$$c-cpu.json || exit 1; done
+	cs=$$($(PY) -m effdl.bench --list) || exit 1; \
+	for c in $$cs; do EFFDL_PROFILE=cpu $(PY) -m effdl.bench $$c --json _build/bench/$$c-cpu.json || exit 1; done
 
 clean:
 	rm -rf _build dist

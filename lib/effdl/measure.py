@@ -118,13 +118,18 @@ def cpu_thread_policy(device, threads: int | str | None = "auto"):
 
 
 def _one_call_ms(fn: Callable[[], Any], dev: torch.device) -> float:
-    """Milliseconds of one call; on CUDA bracketed by synchronizations (never just the launch)."""
+    """Milliseconds of one call: on CUDA between two events (never just the launch), as in
+    :func:`benchmark`; on the CPU from the host clock."""
     if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
+        torch.cuda.synchronize(dev)  # why: queued earlier work must not land in this call
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end)
     t0 = time.perf_counter()
     fn()
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
     return (time.perf_counter() - t0) * 1e3
 
 

@@ -44,7 +44,7 @@ def _matmul_peak_row(device, n: int, dtype: torch.dtype, warmup: int, repeat: in
                 ms=best["ms"], gflops=best["flops"] / 1e9)
 
 
-def peak_rows(device, *, matmul_n: int, copy_mib: int, dtypes: Sequence[torch.dtype] = (torch.float32,),
+def _peak_rows(device, *, matmul_n: int, copy_mib: int, dtypes: Sequence[torch.dtype] = (torch.float32,),
               warmup: int = 2, repeat: int = 5) -> list[dict]:
     """One ``peak`` row per matmul dtype (FLOP/s from the fastest repeat), one for the copy, one for the read."""
     rows = [_matmul_peak_row(device, matmul_n, dtype, warmup, repeat) for dtype in dtypes]
@@ -66,7 +66,7 @@ def run(S, device: torch.device) -> list[dict]:
     with cpu_thread_policy(dev, "auto") as threads:
         if dev.type == "cpu":
             rows.append({"case": "threads", **threads})
-        rows += peak_rows(dev, matmul_n=S.peak_matmul_n, copy_mib=S.copy_mib, warmup=S.warmup, repeat=S.peak_repeat)
+        rows += _peak_rows(dev, matmul_n=S.peak_matmul_n, copy_mib=S.copy_mib, warmup=S.warmup, repeat=S.peak_repeat)
         roof = roofline_from_rows(rows, device=str(dev))
         kernels = kernel_suite(S, dev)
         rows += [{"case": "roofline", **r} for r in place_kernels(kernels, roof, warmup=S.warmup, repeat=S.repeat,
@@ -120,7 +120,7 @@ def gpu_suite(device: torch.device, S) -> list[dict]:
     dtypes = [torch.float32, torch.float16]
     if not cuda or torch.cuda.is_bf16_supported():
         dtypes.append(torch.bfloat16)
-    rows = peak_rows(dev, matmul_n=S.peak_matmul_n, copy_mib=S.copy_mib, dtypes=dtypes,
+    rows = _peak_rows(dev, matmul_n=S.peak_matmul_n, copy_mib=S.copy_mib, dtypes=dtypes,
                      warmup=S.warmup, repeat=S.peak_repeat)
     if cuda:  # TF32: fp32 inputs on tensor cores, what `torch.backends.cuda.matmul.allow_tf32` enables
         old = torch.backends.cuda.matmul.allow_tf32

@@ -1,4 +1,5 @@
-"""Exercise checks of the token-compression chapter (``effdl.checks.<name>(your_function)``)."""
+"""Exercise checks of the token-compression chapter (``checks.<name>(your_function)`` after
+``from effdl.tokens import checks``)."""
 
 from __future__ import annotations
 
