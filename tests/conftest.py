@@ -17,6 +17,31 @@ def root() -> Path:
     return ROOT
 
 
+@pytest.fixture(scope="session")
+def smoke_bench_rows():
+    """``rows(chapter) -> (rows, threads_before, threads_after)``: each chapter's ``bench.run`` at
+    smoke sizes on the CPU, run once per session and shared by the contract test and the chapter's
+    own row tests (a bench run is the slowest thing a library test does).  Callers get a copy."""
+    import copy
+
+    import torch
+
+    from effdl import chapters
+    from effdl.profile import sizes
+
+    cache: dict[str, tuple] = {}
+
+    def rows(chapter: str):
+        if chapter not in cache:
+            before = torch.get_num_threads()
+            out = chapters.module(chapter, "bench").run(sizes(chapter, "smoke"), torch.device("cpu"))
+            cache[chapter] = (out, before, torch.get_num_threads())
+        out, before, after = cache[chapter]
+        return copy.deepcopy(out), before, after
+
+    return rows
+
+
 @pytest.fixture(autouse=True)
 def _seed_everything():
     """Every test starts from the same random state, whatever ran before it (no order-dependent flakes),

@@ -10,14 +10,12 @@ import pytest
 import torch
 
 from effdl.attention import bench, experiments
-from effdl.measure import torch_threads
 from effdl.profile import sizes
 
 
-def test_run_smoke_rows():
+def test_run_smoke_rows(smoke_bench_rows):
     S = sizes("attention", "smoke")
-    with torch_threads(1):
-        rows = bench.run(S, torch.device("cpu"))
+    rows, _, _ = smoke_bench_rows("attention")
     assert {r["name"] for r in rows} == {"prefill", "decode"}
     for r in rows:
         keys = {"name", "impl", "d", "batch", "heads", "causal", "dtype", "ms", "peak_mem_bytes"}

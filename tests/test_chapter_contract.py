@@ -44,8 +44,6 @@ def test_every_chapter_has_the_contract_modules(chapter):
     assert chapters.require(chapter) == chapter
     bench = chapters.module(chapter, "bench")
     assert sorted(bench.__all__) == ["gpu_suite", "run"], "bench.py holds run and gpu_suite only"
-    assert callable(chapters.module(chapter, "plots").plot_bench)
-    assert callable(chapters.module(chapter, "plots").plot_recorded)
     assert len(chapters.module(chapter, "checks").__all__) >= 5
     table = chapters.module(chapter, "sizes").SIZES
     assert set(table) == set(PROFILES)
@@ -200,18 +198,36 @@ def test_a_new_chapter_is_graded_and_gets_a_student_version(toy_chapter, tmp_pat
 # ------------------------------------------------------------------------ every chapter's bench
 @pytest.mark.slow
 @pytest.mark.parametrize("chapter", CHAPTERS)
-def test_bench_run_and_plot_at_smoke_sizes(chapter):
+def test_bench_run_and_plot_at_smoke_sizes(chapter, smoke_bench_rows):
     import matplotlib.pyplot as plt
 
-    from effdl.measure import torch_threads
-
-    # why one thread: smoke sizes are tiny ops, and on a shared 2-core machine more threads only wait
-    with torch_threads(1):
-        rows = chapters.module(chapter, "bench").run(sizes(chapter, "smoke"), torch.device("cpu"))
+    rows, threads, threads_after = smoke_bench_rows(chapter)
+    assert threads_after == threads, "bench.run must restore torch's thread count"
     assert rows and all(isinstance(r, dict) for r in rows)
     json.dumps(rows, default=str)  # rows are what the JSON file holds
     fig = chapters.module(chapter, "plots").plot_bench(rows)
     assert fig.axes
+    plt.close(fig)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("chapter", CHAPTERS)
+def test_gpu_suite_rows_draw_as_a_recorded_file(chapter, tmp_path):
+    """The GPU suite's code paths (all but the CUDA-only ones) at smoke sizes on the CPU, written as
+    a recorded file, read back and drawn by the chapter's plot_recorded, as a page would show it."""
+    import matplotlib.pyplot as plt
+
+    from effdl.bench.core import write_json
+    from effdl.measure import torch_threads
+
+    with torch_threads(1):  # why: smoke sizes, a shared 2-core machine
+        rows = chapters.module(chapter, "bench").gpu_suite(torch.device("cpu"), sizes(chapter, "smoke"))
+    assert rows and not [r for r in rows if "error" in r]
+    path = tmp_path / f"{chapter}-test.json"
+    write_json(rows, path, device="cpu", profile="smoke", chapter=chapter)
+    doc = json.loads(path.read_text())
+    fig = chapters.module(chapter, "plots").plot_recorded(doc)
+    assert any(ax.lines or ax.patches for ax in fig.axes), "an empty figure"
     plt.close(fig)
 
 

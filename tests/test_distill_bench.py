@@ -19,11 +19,10 @@ from effdl.profile import sizes
 METHODS = {"random", "herding", "dc", "dm", "cfd", "ncfm"}
 
 
-def test_smoke_rows_have_the_contract():
+def test_smoke_rows_have_the_contract(smoke_bench_rows):
     S = sizes("distill", "smoke")
-    threads = torch.get_num_threads()
-    rows = bench.run(S, torch.device("cpu"))
-    assert torch.get_num_threads() == threads  # S.cpu_threads is used during the run only
+    rows, threads, threads_after = smoke_bench_rows("distill")
+    assert threads_after == threads  # S.cpu_threads is used during the run only
     keys = {"method", "ipc", "seed", "accuracy", "sec_per_iter", "peak_mem_bytes", "iterations"}
     assert rows and all(keys <= set(r) for r in rows)
     assert {(r["method"], r["ipc"], r["seed"]) for r in rows} == {

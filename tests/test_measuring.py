@@ -249,13 +249,11 @@ def test_time_to_accuracy():
 
 
 # ------------------------------------------------------------------------------------------ bench
-def test_bench_rows():
-    from effdl.measuring import bench
+def test_bench_rows(smoke_bench_rows):
     from effdl.measuring.roofline import roofline_from_rows
 
-    threads = torch.get_num_threads()
-    rows = bench.run(SMOKE, torch.device("cpu"))
-    assert torch.get_num_threads() == threads
+    rows, threads, threads_after = smoke_bench_rows("measuring")
+    assert threads_after == threads
     assert {r["case"] for r in rows} == {"threads", "peak", "roofline", "conv", "fusion"}
     (tc,) = [r for r in rows if r["case"] == "threads"]
     assert tc["threads_used"] in (1, threads) and tc["ratio"] > 0

@@ -332,13 +332,10 @@ def test_layer_bits():
 
 # ---------------------------------------------------------------- benchmark rows, TCC summary
 @pytest.fixture(scope="module")
-def smoke_rows():
-    from effdl.measure import torch_threads
-    from effdl.profile import sizes
-    from effdl.tokens import bench
-
-    with torch_threads(1):  # why: tiny ops on a shared machine are many times faster on one thread
-        return bench.run(sizes("tokens", "smoke"), torch.device("cpu"))
+def smoke_rows(smoke_bench_rows):
+    rows, threads, threads_after = smoke_bench_rows("tokens")  # smoke sizes run with 1 thread
+    assert threads_after == threads
+    return rows
 
 
 def test_bench_rows_hold_every_method_and_the_kv_codec(smoke_rows):

@@ -102,9 +102,10 @@ def _gpu_checks(device, dtypes=("float16",)) -> list[dict]:
 
 
 def gpu_suite(device, S) -> list[dict]:
-    """Checks, then prefill at N in {1k, 4k, 16k} (16k tokens per batch, hidden size 2048, as in
-    FlashAttention's benchmarks) and decode at ``S.decode_L`` with ``S.decode_batch`` sequences of
-    ``S.decode_heads`` heads, d = 128; ``S.warmup`` and ``S.repeat`` calls per point."""
+    """Checks of every Triton path, then prefill at ``S.suite_N`` (``S.suite_tokens`` tokens per
+    batch, hidden size ``S.suite_hidden``, as in FlashAttention's benchmarks; gpu profile: N = 1k,
+    4k, 16k, 16k tokens, hidden 2048) and decode at ``S.decode_L`` with ``S.decode_batch``
+    sequences of ``S.decode_heads`` heads; ``S.warmup`` and ``S.repeat`` calls per point."""
     device = torch.device(device)
     from effdl.device import capabilities
 
@@ -112,22 +113,25 @@ def gpu_suite(device, S) -> list[dict]:
     dtypes = ["float16"] + (["bfloat16"] if caps.bf16 else [])
     triton_ok = caps.triton_gpu
     rows = _gpu_checks(device, dtypes) if triton_ok else []
-    # prefill: 16k tokens per batch, hidden size 2048 (heads = 2048 / d), as FlashAttention's benchmarks
     pre = ["naive", "tiled"] + (["triton"] if triton_ok else []) + list(SDPA_BACKENDS)
+    slow_above = S.suite_N[-2] if len(S.suite_N) > 1 else S.suite_N[-1]
+    d_max = max(S.suite_head_dims)
     for dt in dtypes:
-        for d in ((64, 128) if dt == "float16" else (128,)):      # bf16: d=128 only (compile time)
+        for d in (S.suite_head_dims if dt == "float16" else (d_max,)):  # bf16: one d (compile time)
             impls = prefill_impls(device, pre, naive_max_bytes=40e9, tiled_blocks=(1024, 1024))
             slow = {"naive", "sdpa_math", "tiled"}
-            # why: the O(N²)-memory paths at 16k take seconds per call and tell nothing new
+            # why: the O(N²)-memory paths at the largest N take seconds per call, tell nothing new
             impls = {n: (f if n not in slow else
-                         (lambda f: lambda cfg: None if cfg["N"] > 4096 else f(cfg))(f))
+                         (lambda f: lambda cfg: None if cfg["N"] > slow_above else f(cfg))(f))
                      for n, f in impls.items()}
-            rows += prefill_rows([1024, 4096, 16384], d=d, batch=lambda N: max(1, 16384 // N),
-                                 heads=2048 // d, device=device, impls=impls, causal=(False, True),
-                                 dtype=dt, warmup=S.warmup, repeat=S.repeat, progress=False)
+            rows += prefill_rows(list(S.suite_N), d=d,
+                                 batch=lambda N: max(1, S.suite_tokens // N),
+                                 heads=S.suite_hidden // d, device=device, impls=impls,
+                                 causal=(False, True), dtype=dt, warmup=S.warmup, repeat=S.repeat,
+                                 progress=False)
     dec = (["naive", "torch_split_kv"] + (["triton_split_kv"] if triton_ok else [])
            + list(SDPA_BACKENDS))
-    rows += decode_rows(list(S.decode_L), d=128, batch=S.decode_batch, heads=S.decode_heads,
+    rows += decode_rows(list(S.decode_L), d=d_max, batch=S.decode_batch, heads=S.decode_heads,
                         device=device, impls=decode_impls(device, dec), dtype="float16",
                         warmup=S.warmup, repeat=S.repeat, progress=False)
     return rows

@@ -100,28 +100,39 @@ def io_curves(N_list, d_list, M_list, N0: int, d0: int, M0: int):
 
 
 def plot_recorded(doc):
-    """The recorded GPU run: prefill TFLOP/s against N (fp16, d=128) and decode TB/s against L."""
+    """A recorded GPU run: prefill TFLOP/s against N (fp16, the largest head dim), causal and
+    not, and decode TB/s against L."""
     from effdl.plot import recorded_label
 
     rows = doc["results"]
+    pre = [r for r in rows if r.get("name") == "prefill" and r.get("dtype") == "float16"
+           and "tflops" in r]
+    d = max((r["d"] for r in pre), default=None)
     fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
     for ax, causal in zip(axes[:2], (False, True)):
-        sub = [r for r in rows if r.get("name") == "prefill" and r.get("d") == 128 and r.get("causal") == causal
-               and r.get("dtype") == "float16" and "tflops" in r]
+        sub = [r for r in pre if r["d"] == d and r.get("causal") == causal]
         for impl in dict.fromkeys(r["impl"] for r in sub):
             pts = sorted((r["N"], r["tflops"]) for r in sub if r["impl"] == impl)
             ax.plot(*zip(*pts), marker="o", label=impl)
-        ax.set(xscale="log", xlabel="N", ylabel="TFLOP/s", title=f"prefill fp16, d=128, causal={causal}")
+        ax.set(xlabel="N", ylabel="TFLOP/s", title=f"prefill fp16, d={d}, causal={causal}")
         ax.set_xscale("log", base=2)
     dec = [r for r in rows if r.get("name") == "decode" and "tbps" in r]
     for impl in dict.fromkeys(r["impl"] for r in dec):
         pts = sorted((r["L"], r["tbps"]) for r in dec if r["impl"] == impl)
         axes[2].plot(*zip(*pts), marker="o", label=impl)
-    axes[2].set(xscale="log", xlabel="KV cache length L", ylabel="TB/s (K and V read)", title="decode B=8, H=32, d=128")
+    if dec:
+        r = dec[0]
+        title = f"decode B={r['batch']}, H={r['heads']}, d={r['d']}"
+    else:
+        title = "decode"
+    axes[2].set(xlabel="KV cache length L", ylabel="TB/s (K and V read)", title=title)
     axes[2].set_xscale("log", base=2)
     for ax in axes:
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+        else:  # a panel can be empty (e.g. a run without that dtype)
+            ax.text(0.5, 0.5, "no rows", ha="center", va="center", transform=ax.transAxes)
     fig.suptitle(recorded_label(doc["meta"]))
     fig.tight_layout()
     return fig

@@ -20,21 +20,23 @@ def run(S, device: torch.device) -> list[dict]:
 
 
 def gpu_suite(device: torch.device, S) -> list[dict]:
-    """Cost of one iteration at sizes ``S`` — NCFM vs DM vs DC (and CF) at IPC 1, 10, 50 — on
-    CIFAR-10-shaped random tensors (no download).  About a minute on an H100 (estimate)."""
+    """Cost of one iteration at sizes ``S`` — NCFM vs DM vs DC (and CF) at each IPC of
+    ``S.suite_ipcs`` (gpu profile: 1, 10, 50) — on CIFAR-10-shaped random tensors (no download),
+    ``S.cost_repeat`` timed iterations each."""
     dev = torch.device(device)
     g = torch.Generator().manual_seed(0)
-    per_class = max(S.real_per_class, 50) * 2
-    x = torch.rand(10 * per_class, 3, 32, 32, generator=g).to(dev)
+    per_class = max(S.real_per_class, *S.suite_ipcs) * 2
+    side = S.suite_image
+    x = torch.rand(10 * per_class, 3, side, side, generator=g).to(dev)
     y = torch.arange(10).repeat_interleave(per_class).to(dev)
     pool = FeaturePool(x, y, 4, S.width, 0, cache_real=False)      # real batches go through the net
     rows = []
-    for ipc in (1, 10, 50):
+    for ipc in S.suite_ipcs:
         for m in ("dc", "dm", "cfd", "ncfm"):
             row = {"method": m, "ipc": ipc, "seed": 0, "accuracy": None, "impl": m,
                    "real_per_class": S.real_per_class, "n_freq": S.n_freq, "width": S.width}
             with oom_guard(row, dev):
                 st = stepper_for(m, x, y, ipc, 0, S, pool)
-                row["sec_per_iter"], row["peak_mem_bytes"] = iteration_cost(st, dev, repeat=5)
+                row["sec_per_iter"], row["peak_mem_bytes"] = iteration_cost(st, dev, repeat=S.cost_repeat)
             rows.append(row)
     return rows

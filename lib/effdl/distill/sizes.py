@@ -24,6 +24,8 @@ class Sizes:
     sampler_lr: float               # Adam learning rate of NCFM's frequency sampler
     cost_repeat: int                # timed iterations per method for sec/iter
     demo_iterations: int            # the CF / sampler demonstration cells
+    suite_ipcs: tuple[int, ...]     # the GPU suite's cost sweep (CIFAR-10-shaped tensors)
+    suite_image: int                # its image side (32 for CIFAR-10)
     # torch threads on the CPU (None: leave as is).  Why 1: on 8×8 images every convolution is a
     # few microseconds of work, less than waking and joining a second thread costs
     cpu_threads: int | None
@@ -33,13 +35,15 @@ SIZES = {
     "smoke": Sizes(dataset="digits", ipcs=(1, 2), seeds=(0,), iterations=(3, 3), dc_iterations=(2, 2),
                    eval_epochs=(3, 3), full_epochs=1, width=16, pool_size=2, cache_real=True,
                    real_per_class=16, n_freq=16, sigma=1.0, lr=(0.05, 0.01), sampler_lr=0.01,
-                   cost_repeat=1, demo_iterations=3, cpu_threads=1),
+                   cost_repeat=1, demo_iterations=3, suite_ipcs=(1, 2), suite_image=8, cpu_threads=1),
     "cpu": Sizes(dataset="digits", ipcs=(1, 10), seeds=(0, 1, 2), iterations=(200, 80), dc_iterations=(10, 4),
                  eval_epochs=(250, 60), full_epochs=20, width=128, pool_size=16, cache_real=True,
                  real_per_class=64, n_freq=256, sigma=1.0, lr=(0.05, 0.01), sampler_lr=0.01,
-                 cost_repeat=10, demo_iterations=30, cpu_threads=1),
+                 cost_repeat=10, demo_iterations=30, suite_ipcs=(1, 10), suite_image=32,
+                 cpu_threads=1),
     "gpu": Sizes(dataset="cifar10", ipcs=(1, 10), seeds=(0, 1, 2), iterations=(2000, 2000),
                  dc_iterations=(200, 100), eval_epochs=(1000, 1000), full_epochs=30, width=128, pool_size=16,
                  cache_real=False, real_per_class=256, n_freq=1024, sigma=1.0, lr=(0.05, 0.01), sampler_lr=0.01,
-                 cost_repeat=10, demo_iterations=200, cpu_threads=None),
+                 cost_repeat=10, demo_iterations=200, suite_ipcs=(1, 10, 50), suite_image=32,
+                 cpu_threads=None),
 }

@@ -31,8 +31,9 @@ class Sizes:
     kv_depth: int
     kv_bits: tuple[int, ...]       # uniform bit widths of the bytes-vs-error curve
     threads: int | None = None     # CPU threads for training and timing (None: torch's default).
-    # why 1 on `cpu`: the site is built on a shared 2-core machine; two threads competing with other
-    # processes gave 10x timing outliers, one thread gives steady numbers (and trains as fast there)
+    # why 1 on `smoke` and `cpu`: tests and the site run on a shared 2-core machine; two threads
+    # competing with other processes gave 10x timing outliers, one thread gives steady numbers
+    # (and trains as fast there)
 
 
 SIZES = {
@@ -40,7 +41,7 @@ SIZES = {
         page=(48, 48), crop=24, patch=8, glyph_px=5, dim=16, depth=3, heads=2, reduce_at=0,
         n_train=96, n_test=32, train_steps=3, train_batch=16, lr=1e-3, train_time_limit_s=20,
         finetune_steps=2, keeps=(0.5,), bench_batch=8, repeat=1, cost_tokens=(16, 64),
-        kv_tokens=64, kv_dim=32, kv_depth=2, kv_bits=(4, 6),
+        kv_tokens=64, kv_dim=32, kv_depth=2, kv_bits=(4, 6), threads=1,
     ),
     "cpu": Sizes(
         page=(96, 96), crop=48, patch=8, glyph_px=5, dim=32, depth=6, heads=2, reduce_at=0,
