@@ -106,6 +106,8 @@ def _control_spec(name: str, spec, default) -> tuple[str, dict]:
     """``(widget class name, keyword arguments)`` for one :func:`explorer` control."""
     if isinstance(spec, list) and spec:
         value = spec[0] if default is None else default
+        if value not in spec:
+            raise TypeError(f"explorer control {name}: the default {value!r} is not among {spec!r}")
         return "Dropdown", dict(options=spec, value=value, description=name)
     numbers = isinstance(spec, tuple) and all(
         isinstance(x, (int, float)) and not isinstance(x, bool) for x in spec)
@@ -114,7 +116,12 @@ def _control_spec(name: str, spec, default) -> tuple[str, dict]:
         kw = dict(min=spec[0], max=spec[1], description=name)
         if len(spec) == 3:
             kw["step"] = spec[2]
-        return kind, dict(kw, value=spec[0] if default is None else default)
+        value = spec[0] if default is None else default
+        ok = spec[0] <= value <= spec[1] and (kind == "FloatSlider" or isinstance(value, int))
+        if not ok:
+            raise TypeError(f"explorer control {name}: the default {value!r} does not fit the "
+                            f"{kind} range {spec[:2]!r}")
+        return kind, dict(kw, value=value)
     raise TypeError(
         f"explorer control {name}={spec!r}: give (lo, hi) or (lo, hi, step) for a "
         "slider, or a non-empty list for a dropdown")

@@ -47,8 +47,8 @@ def find_recorded(chapter: str) -> list[dict]:
 
 def show_recorded(chapter: str) -> list[dict]:
     """Every chapter shows its recorded GPU runs the same way: for each file, where it came from and
-    the chapter's figure of it (``effdl.<chapter>.plots.plot_recorded``, plus ``summarize_recorded``
-    when the chapter has one); when there is none, the sentence that says how to record one."""
+    the chapter's figure of it (``effdl.<chapter>.plots.plot_recorded``, which may also print the
+    numbers); when there is none, the sentence that says how to record one."""
     import matplotlib.pyplot as plt
 
     from effdl import chapters
@@ -63,8 +63,6 @@ def show_recorded(chapter: str) -> list[dict]:
               f"torch {meta.get('torch', '?')}")
         plots.plot_recorded(doc)
         plt.show()
-        if hasattr(plots, "summarize_recorded"):
-            print(plots.summarize_recorded(doc))
     return docs
 
 

@@ -48,11 +48,13 @@ def plot_bench(rows: Sequence[dict], title: str = ""):
 
 
 def plot_recorded(doc: dict[str, Any]):
-    """Figure of a recorded GPU run: fp16 roofline with kernels, and the async-timing pitfall."""
+    """Figure of a recorded GPU run: fp16 roofline with kernels, and the async-timing pitfall;
+    the numbers behind it are printed (:func:`summarize_recorded`)."""
     import matplotlib.pyplot as plt
 
     from effdl.plot import recorded_label
 
+    print(summarize_recorded(doc))
     rows = doc["results"]
     label = recorded_label(doc["meta"])
     fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.4))
