@@ -52,3 +52,15 @@ def test_no_widget_on_the_site(tiny_model_and_pages, monkeypatch):
     model, x = tiny_model_and_pages
     fig = explore_kept(model, x, _make, ["evit"])
     assert fig is not None and created == []
+
+
+@pytest.mark.parametrize("controls", [dict(method=["a", "b"]), dict(keep=(0.6, 0.9)), dict(page=(0, 3))])
+def test_explorer_rejects_a_default_its_control_cannot_show(controls):
+    """A default outside its dropdown or slider would only fail later, in a live kernel."""
+    from effdl.plot import explorer
+
+    def draw(method="c", keep=0.5, page=1.5):
+        return None
+
+    with pytest.raises(TypeError, match="default"):
+        explorer(draw, [], **controls)
