@@ -14,6 +14,16 @@ from effdl.distill.dm import dm_loss, mean_embedding_mmd
 from effdl.measure import torch_threads
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Every test here runs with one torch thread, restored afterwards.  Why: on 8×8 digits every
+    convolution is microseconds of work, so a second thread only waits at barriers; on a shared
+    2-core machine that made one test of this file 110 s instead of about 10 (the chapter's own
+    sizes use ``cpu_threads=1`` for the same reason)."""
+    with torch_threads(1):
+        yield
+
+
 def feats(n, d, seed, shift=0.0, dtype=torch.float64):
     g = torch.Generator().manual_seed(seed)
     return torch.randn(n, d, generator=g, dtype=dtype) + shift
@@ -227,13 +237,12 @@ def test_dm_and_ncfm_beat_random_on_a_tiny_problem(digits):
     """IPC 1 on digits, 2 seeds, same iterations for DM and NCFM: both beat the random subset."""
     x, y, xt, yt = digits
     acc = {m: [] for m in ("random", "dm", "ncfm")}
-    with torch_threads(1):  # why: 8x8 images, microsecond ops: one thread is faster (restored after)
-        for seed in (0, 1):
-            pool = dd.matching.FeaturePool(x, y, 8, 64, seed)
-            for m in acc:
-                opts = {} if m == "random" else {"pool": pool, "width": 64, "lr": 0.05, "real_per_class": 64}
-                xs, ys = dd.distill(x, y, m, 1, iterations=150, seed=seed, **opts)
-                acc[m].append(dd.evaluate(xs, ys, xt, yt, seed=seed, epochs=200, width=64))
+    for seed in (0, 1):
+        pool = dd.matching.FeaturePool(x, y, 8, 64, seed)
+        for m in acc:
+            opts = {} if m == "random" else {"pool": pool, "width": 64, "lr": 0.05, "real_per_class": 64}
+            xs, ys = dd.distill(x, y, m, 1, iterations=150, seed=seed, **opts)
+            acc[m].append(dd.evaluate(xs, ys, xt, yt, seed=seed, epochs=200, width=64))
     mean = {m: sum(v) / len(v) for m, v in acc.items()}
     assert mean["dm"] > mean["random"] + 3, acc
     assert mean["ncfm"] > mean["random"] + 3, acc
