@@ -359,4 +359,6 @@ def test_recorded_results_cell_without_a_recorded_file(monkeypatch, capsys):
 
     monkeypatch.setattr(effdl.results, "find_recorded", lambda chapter: [])
     assert effdl.results.show_recorded("measuring") == []
-    assert "No recorded GPU run of the measuring benchmarks" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "No recorded GPU run of the measuring benchmarks" in out
+    assert max(len(line) for line in out.splitlines()) <= 88  # fits the page's code column

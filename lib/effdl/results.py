@@ -67,11 +67,14 @@ def show_recorded(chapter: str) -> list[dict]:
 
 
 def describe_missing(chapter: str) -> str:
-    """The sentence a chapter prints when no GPU run of it has been recorded yet."""
-    return (
-        f"No recorded GPU run of the {chapter} benchmarks is in book/results/ yet, so this page shows "
-        f"CPU measurements only. On a GPU machine, `{REGENERATE}` records one."
-    )
+    """The sentence a chapter prints when no GPU run of it has been recorded yet (wrapped to the
+    page's code column, 88 characters)."""
+    import textwrap
+
+    return textwrap.fill(
+        f"No recorded GPU run of the {chapter} benchmarks is in book/results/ yet, so this page "
+        f"shows CPU measurements only. On a GPU machine, `{REGENERATE}` records one.",
+        width=88, break_on_hyphens=False, break_long_words=False)
 
 
 TIMINGS_GLOB = "notebook-timings-*.json"

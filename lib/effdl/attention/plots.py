@@ -139,25 +139,31 @@ def plot_recorded(doc):
 
 
 def plot_bench(rows):
-    """Two panels: prefill time against N (non-causal), decode bandwidth against L."""
+    """Prefill time against N (non-causal) and decode bandwidth against L: one panel for each
+    kind of row present (the decode section draws its rows alone)."""
     import matplotlib.pyplot as plt
 
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
     pre = [r for r in rows if r.get("name") == "prefill" and not r.get("causal") and "ms" in r]
-    for impl in dict.fromkeys(r["impl"] for r in pre):
-        pts = sorted((r["N"], r["ms"]) for r in pre if r["impl"] == impl)
-        a.plot(*zip(*pts), marker="o", label=impl)
-    a.set(xscale="log", yscale="log", xlabel="sequence length N", ylabel="forward time (ms)", title="prefill")
     dec = [r for r in rows if r.get("name") == "decode" and "tbps" in r]
-    for impl in dict.fromkeys(r["impl"] for r in dec):
-        pts = sorted((r["L"], r["tbps"] * 1e3) for r in dec if r["impl"] == impl)
-        b.plot(*zip(*pts), marker="o", label=impl)
-    b.set(xscale="log", xlabel="KV cache length L", ylabel="K/V read bandwidth (GB/s)", title="decode (1 query token)")
-    for ax in (a, b):
-        ax.grid(alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:  # a panel can be empty (e.g. no decode rows recorded)
-            ax.legend(fontsize=8)
+    panels = [p for p in ("prefill", "decode") if (pre if p == "prefill" else dec)] or ["prefill"]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6), squeeze=False)
+    for ax, panel in zip(axes[0], panels):
+        if panel == "prefill":
+            for impl in dict.fromkeys(r["impl"] for r in pre):
+                pts = sorted((r["N"], r["ms"]) for r in pre if r["impl"] == impl)
+                ax.plot(*zip(*pts), marker="o", label=impl)
+            ax.set(xscale="log", yscale="log", xlabel="sequence length N",
+                   ylabel="forward time (ms)", title="prefill")
         else:
+            for impl in dict.fromkeys(r["impl"] for r in dec):
+                pts = sorted((r["L"], r["tbps"] * 1e3) for r in dec if r["impl"] == impl)
+                ax.plot(*zip(*pts), marker="o", label=impl)
+            ax.set(xscale="log", xlabel="KV cache length L", ylabel="K/V read bandwidth (GB/s)",
+                   title="decode (1 query token)")
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+        else:  # no rows at all
             ax.text(0.5, 0.5, "no rows", ha="center", va="center", transform=ax.transAxes)
     fig.tight_layout()
     return fig
