@@ -16,6 +16,7 @@ import torch
 
 from effdl.attention.softmax import (
     SoftmaxState,
+    accumulation_dtype,
     finalize,
     init_state,
     merge_lse,
@@ -84,7 +85,7 @@ def split_kv_partials(q, k, v, num_splits: int, causal: bool = True, scale: floa
     """
     scale = check_qkv(q, k, v, scale)
     nq, L = q.shape[-2], k.shape[-2]
-    acc = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
+    acc = accumulation_dtype(q.dtype)
     chunk = split_chunk(L, num_splits)
     if L == 0:                                         # no keys, no split: merges to 0
         lead = (0, *q.shape[:-1])
@@ -92,7 +93,10 @@ def split_kv_partials(q, k, v, num_splits: int, causal: bool = True, scale: floa
                 q.new_full(lead, float("-inf"), dtype=acc))
     n_full = L // chunk                                # all but a shorter last chunk
     qs = q * scale
-    key_limit = torch.arange(nq, device=q.device) + (L - nq) if causal else torch.full((nq,), L - 1, device=q.device)
+    # the last key each query sees (bottom-right causal); one vector for all chunks at once,
+    # rather than validate.causal_mask per chunk, so the chunks stay one batched matmul
+    rows = torch.arange(nq, device=q.device)
+    key_limit = rows + (L - nq) if causal else torch.full((nq,), L - 1, device=q.device)
     outs, lses = [], []
     parts = [(0, n_full, chunk)] + ([(n_full * chunk, 1, L - n_full * chunk)] if n_full * chunk < L else [])
     for start, n, c in parts:

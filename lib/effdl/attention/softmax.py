@@ -58,6 +58,12 @@ def online_softmax(x: torch.Tensor, block: int = 128) -> torch.Tensor:
 # kernels (triton_kernels.py) cannot call Python: they repeat both inside the kernels.
 
 
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype softmax statistics and output accumulators use: fp32 for fp16/bf16 inputs (as a
+    GPU kernel keeps them in fp32 registers), else the inputs' own dtype."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
 def safe_shift(m: torch.Tensor) -> torch.Tensor:
     """The max to subtract before ``exp``: ``m`` (...,) with -inf replaced by 0.
 

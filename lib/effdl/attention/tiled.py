@@ -18,7 +18,7 @@ import math
 
 import torch
 
-from effdl.attention.softmax import finalize, safe_shift, state_lse
+from effdl.attention.softmax import accumulation_dtype, finalize, safe_shift, state_lse
 from effdl.validate import causal_mask, check_block, check_qkv
 
 #: Default tile sizes.  On a CPU, big tiles win: every tile costs a fixed ~10 µs per PyTorch op and
@@ -26,10 +26,6 @@ from effdl.validate import causal_mask, check_block, check_qkv
 #: (512 x 1024) fp32 score tile is 2 MiB per head — still tiny next to the N x N matrix at long N.
 DEFAULT_BLOCK_Q = 512
 DEFAULT_BLOCK_K = 1024
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
 def flash1_forward(q, k, v, causal: bool = False, scale: float | None = None, block_q=None, block_k=None):
@@ -43,7 +39,7 @@ def flash1_forward(q, k, v, causal: bool = False, scale: float | None = None, bl
     bk = check_block("block_k", block_k, DEFAULT_BLOCK_K)
     nq, nk, dv = q.shape[-2], k.shape[-2], v.shape[-1]
     off = nk - nq                                              # bottom-right causal alignment
-    acc = _acc_dtype(q.dtype)
+    acc = accumulation_dtype(q.dtype)
     O = torch.zeros((*q.shape[:-1], dv), dtype=acc, device=q.device)       # "HBM" copies
     m = torch.full(q.shape[:-1], float("-inf"), dtype=acc, device=q.device)
     l = torch.zeros(q.shape[:-1], dtype=acc, device=q.device)
@@ -82,7 +78,7 @@ def flash2_forward(q, k, v, causal: bool = False, scale: float | None = None, bl
     bk = check_block("block_k", block_k, DEFAULT_BLOCK_K)
     nq, nk, dv = q.shape[-2], k.shape[-2], v.shape[-1]
     off = nk - nq
-    acc_t = _acc_dtype(q.dtype)
+    acc_t = accumulation_dtype(q.dtype)
     out = torch.empty((*q.shape[:-1], dv), dtype=q.dtype, device=q.device)
     lse = torch.empty(q.shape[:-1], dtype=acc_t, device=q.device)
     kT = k.transpose(-2, -1)                                              # a view: BLAS reads it transposed
@@ -186,7 +182,7 @@ def flash2_backward(q, k, v, out, lse, dout, causal: bool = False, scale: float 
     bk = check_block("block_k", block_k, DEFAULT_BLOCK_K)
     nq, nk = q.shape[-2], k.shape[-2]
     off = nk - nq
-    acc = _acc_dtype(q.dtype)
+    acc = accumulation_dtype(q.dtype)
     qa, ka, va, do = q.to(acc), k.to(acc), v.to(acc), dout.to(acc)
     D = (do * out.to(acc)).sum(dim=-1)                                    # (..., Nq)
     lse_safe = torch.where(torch.isneginf(lse), torch.full_like(lse, float("inf")), lse).to(acc)
