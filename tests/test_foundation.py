@@ -249,3 +249,28 @@ def test_explorer_always_draws_static_figures(monkeypatch):
     monkeypatch.delenv("EFFDL_SITE_BUILD")
     widget = explorer(draw, static=[{"k": 3}], k=(1, 5))
     assert drawn[:3] == [1, 2, 3] and widget is not None
+
+
+def test_show_table_markdown_and_text():
+    from effdl.show import show_table
+
+    t = show_table([{"method": "dm", "acc": 85.123, "pub": None}, {"method": "ncfm", "acc": 83.7, "pub": 49.5}],
+                   labels={"pub": "published"}, precision=1)
+    md = t._repr_markdown_().splitlines()
+    assert md[0] == "| method | acc | published |" and md[1] == "|---|---:|---:|"
+    assert md[2] == "| dm | 85.1 | — |" and md[3] == "| ncfm | 83.7 | 49.5 |"
+    assert repr(t).splitlines()[1].split() == ["dm", "85.1", "—"]
+    with pytest.raises(TypeError, match="list of dicts"):
+        show_table({"a": 1})
+
+
+def test_runtime_dependencies_are_what_the_library_imports(root):
+    """nbformat is imported by effdl.student/effdl.grade at import time; pandas is not used."""
+    import tomllib
+
+    deps = tomllib.loads((root / "pyproject.toml").read_text())["project"]["dependencies"]
+    names = {d.split(">")[0].split("=")[0].split("<")[0].strip() for d in deps}
+    assert "nbformat" in names and not names & {"pandas", "jinja2"}
+    user = {line.strip() for line in (root / "requirements.txt").read_text().splitlines()
+            if line.strip() and not line.startswith("#")}
+    assert "nbformat" in user and not user & {"torch", "numpy", "ipywidgets", "pandas", "jinja2"}

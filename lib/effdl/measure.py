@@ -377,7 +377,7 @@ def run_meta(device: str | torch.device | None = None, profile: str | None = Non
         "torch": torch.__version__,
         "python": platform.python_version(),
         "effdl": __version__,
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "profile": current(profile),
         "platform": platform.platform(),
     }
