@@ -5,8 +5,11 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-lock
 STUDENT_DIR ?= dist/student
 PORT ?= 8000
-# Never let set-up pull a CUDA torch on a CPU machine: the lock pins torch==2.13.0 (a CPU wheel here).
-PIP := $(PY) -m pip install --disable-pip-version-check -q
+# The lock pins torch==2.13.0.  On this project's machines pip finds its CPU wheel on local disk; from
+# the default index elsewhere it is the (multi-GB) CUDA build.  For the CPU build on any machine:
+#   make setup TORCH_INDEX=https://download.pytorch.org/whl/cpu
+TORCH_INDEX ?=
+PIP := $(PY) -m pip install --disable-pip-version-check -q $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX))
 
 .PHONY: setup book test test-fast lint student serve notebooks bench clean
 
