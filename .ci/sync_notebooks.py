@@ -2,7 +2,7 @@
 """Regenerate notebooks/X.ipynb from book/X.md (the text twin authors edit).
 
 Also derives, from _config.yml's `repository` (the one place the address lives), each chapter's
-Colab badge and the install line of its setup cell.
+Colab badge (the branch) and the install line of its setup cell (pinned to `repository.release`).
 
     python .ci/sync_notebooks.py          # rewrite what differs (what `make notebooks` runs)
     python .ci/sync_notebooks.py --check  # exit 1 and list what differs (what `make test` runs)
@@ -33,6 +33,14 @@ def repository() -> tuple[str, str]:
     return repo["url"].rstrip("/"), repo.get("branch", "main")
 
 
+def release() -> str:
+    """The tag the install cell pins (``repository.release`` in _config.yml)."""
+    ref = yaml.safe_load((ROOT / "_config.yml").read_text())["repository"].get("release")
+    if not ref:
+        raise SystemExit("_config.yml: set repository.release to the tag the install cell pins")
+    return ref
+
+
 def colab_url(stem: str) -> str:
     url, branch = repository()
     slug = url.split("github.com/", 1)[1]
@@ -53,11 +61,11 @@ def chapter_sources() -> list[Path]:
 
 
 def derived_markdown(md: Path) -> str:
-    url, branch = repository()
+    url, _ = repository()
     text = md.read_text()
     badge = f"[![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)]({colab_url(md.stem)})"
     text = BADGE_RE.sub(lambda m: badge, text)
-    text = PIP_RE.sub(lambda m: f"git+{url}@{branch}", text)
+    text = PIP_RE.sub(lambda m: f"git+{url}@{release()}", text)
     return text
 
 

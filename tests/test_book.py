@@ -71,7 +71,7 @@ def test_setup_cell_installs_the_course_and_leaves_colab_alone(stem):
     assert pip_lines, "the first code cell must %pip install the course library on Colab"
     assert "google.colab" in cells[0].source and "%pip install" in cells[0].source
     for line in pip_lines:
-        assert f"git+{REPO_URL}@{BRANCH}" in line
+        assert f"git+{REPO_URL}@{CONFIG['repository']['release']}" in line, "install pins the release tag"
         pkgs = re.findall(r'"([^"]+)"|(\S+)', line.split("install", 1)[1])
         names = {re.split(r"[<>=@\[ ]", a or b)[0].lower() for a, b in pkgs if not (a or b).startswith("-")}
         assert not names & {"torch", "numpy", "ipywidgets"}, f"never (re)install Colab's {names}"

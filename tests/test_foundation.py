@@ -274,3 +274,20 @@ def test_runtime_dependencies_are_what_the_library_imports(root):
     user = {line.strip() for line in (root / "requirements.txt").read_text().splitlines()
             if line.strip() and not line.startswith("#")}
     assert "nbformat" in user and not user & {"torch", "numpy", "ipywidgets", "pandas", "jinja2"}
+
+
+def test_colab_runtime_is_within_the_declared_versions(root):
+    """Colab's published stack (2026-08: Python 3.13, torch 2.11, ipywidgets 7.7.1) satisfies the
+    package metadata, so installing the course there never replaces Colab's torch."""
+    import tomllib
+
+    from packaging.requirements import Requirement
+    from packaging.version import Version
+
+    meta = tomllib.loads((root / "pyproject.toml").read_text())["project"]
+    assert Version("3.13") in Requirement(f"python{meta['requires-python'].split('#')[0]}").specifier
+    colab = {"torch": "2.11.0", "ipywidgets": "7.7.1"}
+    for dep in meta["dependencies"]:
+        req = Requirement(dep)
+        if req.name in colab:
+            assert Version(colab[req.name]) in req.specifier, (dep, colab[req.name])

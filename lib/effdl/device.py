@@ -66,12 +66,17 @@ def capabilities() -> Capabilities:
 
 def report() -> Capabilities:
     """Print what this runtime supports and what the course will skip; return the capabilities."""
+    import platform
+
+    from effdl import __version__
     from effdl.profile import current
 
     c = capabilities()
     sm = f", sm_{''.join(map(str, c.compute_capability))}, {c.memory_gib} GiB" if c.compute_capability else ""
     print(f"device: {c.device} — {c.name}{sm}")
-    print(f"torch {torch.__version__}, {c.threads} CPU threads, profile: {current()}")
+    cuda = f", CUDA {torch.version.cuda}" if c.device == "cuda" else ""
+    print(f"effdl {__version__}, Python {platform.python_version()}, torch {torch.__version__}{cuda}")
+    print(f"{c.threads} CPU threads, profile: {current()}")
     if c.device == "cpu":
         print("no GPU: GPU results are shown from recorded runs; live results are measured on this CPU.")
     else:
