@@ -31,8 +31,9 @@ test: setup lint  ## lint, library tests, notebooks (nbmake, smoke profile), pai
 test-fast: setup  ## the edit-test loop: library tests only (no notebooks, no Triton interpreter, no book build)
 	EFFDL_PROFILE=smoke $(PY) -m pytest tests -m "not slow and not interpreter" -q -p no:cacheprovider
 
-lint: setup  ## ruff: lint and import order over lib/, tests/ and .ci/
+lint: setup  ## ruff (lint, import order) over lib/, tests/, .ci/; the publishing workflow against its schema
 	$(VENV)/bin/ruff check lib tests .ci
+	$(VENV)/bin/check-jsonschema --builtin-schema vendor.github-workflows .github/workflows/*.yml
 
 student: setup  ## student notebooks (solutions removed) into $(STUDENT_DIR)
 	$(PY) -m effdl.student notebooks --out $(STUDENT_DIR)

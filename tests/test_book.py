@@ -307,3 +307,26 @@ def test_process_word_rule_sees_prose_strings_and_comments():
                  "y = row['target']\n```\n")
     assert [line for _, line in doc["prose"] if PROCESS_WORDS.search(line)] == ["The target point."]
     assert [s for s in _code_strings(doc["cells"][0]["source"]) if PROCESS_WORDS.search(s)] == ["the issue: ", "# TODO"]
+
+
+def test_publishing_workflow_builds_the_book_and_deploys_pages(root, tmp_path):
+    """The Pages workflow validates against GitHub's workflow schema (the check `make lint` runs,
+    seen failing on a broken copy) and builds with `make book`, caching the execution cache."""
+    import shutil
+
+    exe = shutil.which("check-jsonschema", path=str(Path(sys.executable).parent))
+    assert exe, "check-jsonschema is in the lock: run make setup"
+    wf = root / ".github" / "workflows" / "book.yml"
+    run = lambda p: subprocess.run([exe, "--builtin-schema", "vendor.github-workflows", str(p)],
+                                   capture_output=True, text=True, timeout=120)
+    assert run(wf).returncode == 0
+    broken = tmp_path / "broken.yml"
+    broken.write_text(wf.read_text().replace("runs-on:", "runs_on:"))
+    assert run(broken).returncode != 0
+    doc = yaml.safe_load(wf.read_text())
+    steps = doc["jobs"]["build"]["steps"]
+    assert any("make book" in s.get("run", "") for s in steps)
+    cache = next(s for s in steps if str(s.get("uses", "")).startswith("actions/cache"))
+    assert cache["with"]["path"] == "_build/.jupyter_cache" and "lib/effdl" in cache["with"]["key"]
+    assert any(str(s.get("uses", "")).startswith("actions/upload-pages-artifact") for s in steps)
+    assert doc["jobs"]["deploy"]["steps"][0]["uses"].startswith("actions/deploy-pages")
