@@ -11,7 +11,8 @@ PORT ?= 8000
 TORCH_INDEX ?=
 PIP := $(PY) -m pip install --disable-pip-version-check -q $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX))
 
-.PHONY: setup book test test-fast lint student serve notebooks bench clean
+.PHONY: setup book test test-fast lint browser student serve notebooks bench clean
+MATHJAX := _build/static/mathjax/tex-chtml.js
 
 $(STAMP): lib/requirements-lock.txt pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -19,14 +20,28 @@ $(STAMP): lib/requirements-lock.txt pyproject.toml
 	$(PIP) --no-deps -e .
 	touch $@
 
-setup: $(STAMP)  ## create .venv with the pinned dependencies and the library (editable)
+setup: $(STAMP) $(MATHJAX)  ## create .venv with the pinned dependencies and the library (editable)
+
+$(MATHJAX):  ## MathJax 3 from the npm registry, served by the site itself (math renders offline)
+	rm -rf _build/mathjax-pkg _build/static/mathjax && mkdir -p _build/mathjax-pkg _build/static
+	cd _build/mathjax-pkg && npm pack mathjax@3.2.2 --silent >/dev/null && tar xzf mathjax-3.2.2.tgz
+	# why only these: tex-chtml.js is the whole renderer; it loads its fonts, TeX extensions
+	# (autoload) and menu (ui, a11y, sre) from beside it -- 7 of MathJax's 24 MB
+	cd _build/mathjax-pkg/package/es5 && mkdir -p ../../../static/mathjax/output/chtml ../../../static/mathjax/input/tex \
+	  && cp tex-chtml.js ../../../static/mathjax/ && cp -r output/chtml/fonts ../../../static/mathjax/output/chtml/ \
+	  && cp -r input/tex/extensions ../../../static/mathjax/input/tex/ && cp -r ui a11y sre ../../../static/mathjax/
+	rm -rf _build/mathjax-pkg
 
 book: setup  ## build the site, executing every chapter in the cpu profile (cached)
 	EFFDL_PROFILE=cpu EFFDL_SITE_BUILD=1 $(VENV)/bin/jupyter-book build . -W -n --keep-going
 	@echo "site: $(CURDIR)/_build/html/index.html"
 
-test: setup lint  ## lint, library tests, notebooks (nbmake, smoke profile), pairing check, book build, grader
+test: setup lint browser  ## lint, library tests, notebooks (nbmake, smoke profile), pairing check, book build, grader
 	EFFDL_PROFILE=smoke $(PY) -m pytest tests --nbmake notebooks --nbmake-timeout=600 -p no:cacheprovider
+
+browser:  ## Debian's chromium, for the test that opens the built site with the network blocked
+	@command -v chromium >/dev/null 2>&1 || (timeout 600 apt-get update -qq && timeout 600 apt-get install -y -qq chromium >/dev/null) \
+	  || echo "chromium could not be installed here: the offline-site test will be skipped"
 
 test-fast: setup  ## the edit-test loop: library tests only (no notebooks, no Triton interpreter, no book build)
 	EFFDL_PROFILE=smoke $(PY) -m pytest tests -m "not slow and not interpreter" -q -p no:cacheprovider

@@ -21,9 +21,11 @@ import jupytext
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-BADGE_RE = re.compile(
-    r"\[!\[Open In Colab\]\(https://colab\.research\.google\.com/assets/colab-badge\.svg\)\]\([^)]*\)"
-)
+BADGE_RE = re.compile(r"\[!\[Open In Colab\]\([^)]*colab-badge\.svg\)\]\([^)]*\)")
+#: the badge image: the site ships its own (it shows offline); the notebooks, opened on Colab or
+#: GitHub where book/images is not beside them, use Colab's
+LOCAL_BADGE = "images/colab-badge.svg"
+REMOTE_BADGE = "https://colab.research.google.com/assets/colab-badge.svg"
 PIP_RE = re.compile(r"git\+https://github\.com/[^\s\"'@]+(@[\w.\-/]+)?")
 
 
@@ -63,7 +65,7 @@ def chapter_sources() -> list[Path]:
 def derived_markdown(md: Path) -> str:
     url, _ = repository()
     text = md.read_text()
-    badge = f"[![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)]({colab_url(md.stem)})"
+    badge = f"[![Open In Colab]({LOCAL_BADGE})]({colab_url(md.stem)})"
     text = BADGE_RE.sub(lambda m: badge, text)
     text = PIP_RE.sub(lambda m: f"git+{url}@{release()}", text)
     return text
@@ -82,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
             stale.append(f"{md.relative_to(ROOT)}: badge or install URL not derived from _config.yml")
             if not args.check:
                 md.write_text(text)
-        nb = jupytext.reads(text, fmt="md:myst")
+        nb = jupytext.reads(text.replace(f"]({LOCAL_BADGE})]", f"]({REMOTE_BADGE})]"), fmt="md:myst")
         for i, cell in enumerate(nb.cells):  # why: jupytext makes random ids; a check needs stable ones
             cell["id"] = f"{md.stem}-{i:03d}"
         ipynb = jupytext.writes(nb, fmt="ipynb")
