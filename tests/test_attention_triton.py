@@ -33,15 +33,27 @@ CASES = (
 )
 
 
+#: run again at the end, after every other case has churned the child's heap: same bits expected
+REPEATED = [i for i, c in enumerate(CASES) if c["kind"] == "grad"] + [0, 6]
+
+
 @pytest.fixture(scope="module")
 def results():
-    return run_interpreted(CASES)
+    return run_interpreted(CASES + [CASES[i] for i in REPEATED])
 
 
 @pytest.mark.parametrize("i", range(len(CASES)))
 def test_interpreted_kernel_2x_rule(results, i):
     row = results[i]
     assert row["passed"], f"{row}: error {row['err']:.3g} vs plain {row['err_pt']:.3g}"
+
+
+def test_interpreter_runs_reproduce_to_the_bit(results):
+    """A once-seen 180x error in the fp32 gradient case never reproduced in 1000+ runs; a repeat in
+    the same child (poisoned heap, one thread: see CHILD_ENV) must give identical bits."""
+    again = results[len(CASES):]
+    for i, row in zip(REPEATED, again):
+        assert row["digest"] == results[i]["digest"], f"case {i} ({CASES[i]}) changed between two runs"
 
 
 def test_interpreter_rejects_bf16():

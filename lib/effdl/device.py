@@ -1,11 +1,17 @@
 """What the accelerator in front of you can do: the notebooks' device cell calls :func:`report`.
 
 A Colab T4 is sm_75: no bf16 tensor cores, no Triton attention kernels, no SDPA flash backend.
-Chapters read :func:`capabilities` to choose paths and to say plainly what they skip.
+Chapters read :func:`capabilities` to choose paths and to say plainly what they skip, and put
+their live tensors on :func:`live_device` — the one device rule: CUDA when present, else CPU.
+
+``EFFDL_SIMULATE_GPU=t4`` (tests only) makes :func:`capabilities` describe a T4 while tensors stay
+on the CPU, so every chapter's GPU branches (skips, dtype choices, the ``gpu`` profile's settings
+at smoke sizes; see :func:`effdl.profile.sizes`) run in CI on a machine without a GPU.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass
 
 import torch
@@ -22,6 +28,7 @@ class Capabilities:
     triton_interpreter: bool    # TRITON_INTERPRET=1 is set and triton imports (CPU testing)
     sdpa_flash: bool            # SDPA's flash backend needs sm_80+
     threads: int
+    simulated: bool = False     # EFFDL_SIMULATE_GPU: a described GPU, tensors on the CPU
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -35,6 +42,28 @@ def _triton_importable() -> bool:
     return True
 
 
+SIMULATE_ENV = "EFFDL_SIMULATE_GPU"
+#: GPUs a test can simulate: name, compute capability, memory (GiB)
+SIMULATED_GPUS = {"t4": ("Tesla T4", (7, 5), 14.7), "a100": ("NVIDIA A100-SXM4-40GB", (8, 0), 39.4)}
+
+
+def simulated_gpu() -> str | None:
+    """The GPU named by ``$EFFDL_SIMULATE_GPU`` (lower case), or ``None``; a clear error if unknown."""
+    name = os.environ.get(SIMULATE_ENV, "").strip().lower()
+    if not name:
+        return None
+    if name not in SIMULATED_GPUS:
+        raise ValueError(f"{SIMULATE_ENV}={name!r} is not a GPU the course can simulate; "
+                         f"use one of {', '.join(SIMULATED_GPUS)} or unset it")
+    return name
+
+
+def live_device(caps: Capabilities | None = None) -> torch.device:
+    """Where every chapter's live cells put their tensors: CUDA when present, else the CPU."""
+    caps = caps or capabilities()
+    return torch.device("cuda" if caps.device == "cuda" and not caps.simulated else "cpu")
+
+
 def capabilities() -> Capabilities:
     """Probe the current machine, afresh on every call; never raises without a GPU.
 
@@ -42,9 +71,15 @@ def capabilities() -> Capabilities:
     ``torch.set_num_threads`` and ``triton_interpreter`` follows ``$TRITON_INTERPRET``,
     and a session may change either.
     """
-    import os
-
     interp = os.environ.get("TRITON_INTERPRET") == "1" and _triton_importable()
+    sim = simulated_gpu()
+    if sim:
+        name, cc, mem = SIMULATED_GPUS[sim]
+        # why triton_gpu=False even for an sm_80 part: no GPU is there to compile for
+        return Capabilities(device="cuda", name=f"{name} (simulated; tensors on the CPU)",
+                            compute_capability=cc, memory_gib=mem, bf16=cc >= (8, 0), triton_gpu=False,
+                            triton_interpreter=interp, sdpa_flash=cc >= (8, 0),
+                            threads=torch.get_num_threads(), simulated=True)
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
         cc = (props.major, props.minor)
@@ -74,9 +109,10 @@ def report() -> Capabilities:
     c = capabilities()
     sm = f", sm_{''.join(map(str, c.compute_capability))}, {c.memory_gib} GiB" if c.compute_capability else ""
     print(f"device: {c.device} — {c.name}{sm}")
-    cuda = f", CUDA {torch.version.cuda}" if c.device == "cuda" else ""
+    cuda = f", CUDA {torch.version.cuda}" if c.device == "cuda" and not c.simulated else ""
     print(f"effdl {__version__}, Python {platform.python_version()}, torch {torch.__version__}{cuda}")
-    print(f"{c.threads} CPU threads, profile: {current()}")
+    shaped = " (gpu-shaped: the gpu profile's settings at smoke sizes)" if c.simulated else ""
+    print(f"{c.threads} CPU threads, profile: {current()}{shaped if current() == 'smoke' else ''}")
     if c.device == "cpu":
         print("no GPU: GPU results are shown from recorded runs; live results are measured on this CPU.")
     else:

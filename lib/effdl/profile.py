@@ -45,12 +45,35 @@ def current(explicit: str | None = None) -> ProfileName:
 
 
 def sizes(chapter: str, profile: str | None = None):
-    """The sizes dataclass of ``chapter`` for ``profile`` (default: :func:`current`)."""
+    """The sizes dataclass of ``chapter`` for ``profile`` (default: :func:`current`).
+
+    Under ``EFFDL_SIMULATE_GPU`` (see :mod:`effdl.device`) the ``smoke`` profile is *gpu-shaped*:
+    the ``gpu`` entry's settings with the ``smoke`` entry's sizes (:func:`gpu_shaped`).
+    """
     from effdl import chapters
+    from effdl.device import simulated_gpu
 
     table = chapters.module(chapter, "sizes").SIZES
     name = current(profile)
-    if name not in table:
-        raise ValueError(f"effdl.{chapter}.sizes.SIZES has no {name!r} entry; give it one per profile "
+    missing = [n for n in ([name, "gpu"] if name == "smoke" else [name]) if n not in table]
+    if missing:
+        raise ValueError(f"effdl.{chapter}.sizes.SIZES has no {missing[0]!r} entry; give it one per profile "
                          f"({', '.join(PROFILES)})")
+    if name == "smoke" and simulated_gpu():
+        return gpu_shaped(table["gpu"], table["smoke"])
     return table[name]
+
+
+def gpu_shaped(gpu, smoke):
+    """``gpu``'s settings (text, flags, ``None``) with ``smoke``'s sizes (numbers, tuples).
+
+    Why: a test without a GPU can then take every branch a GPU run takes (which dataset, which
+    thread policy, which cache) in seconds.
+    """
+    from dataclasses import fields, replace
+
+    def is_setting(v) -> bool:
+        return v is None or isinstance(v, (str, bool))
+
+    return replace(gpu, **{f.name: getattr(smoke, f.name) for f in fields(gpu)
+                           if not is_setting(getattr(gpu, f.name))})

@@ -17,14 +17,32 @@ import sys
 import time
 
 
+#: The child's environment.  The interpreter runs the grid one program at a time; fixing every
+#: thread pool at one thread and poisoning glibc's heap (``MALLOC_PERTURB_``: fresh and freed
+#: blocks are filled with a byte pattern) make a run reproducible to the bit and turn a read of
+#: uninitialised memory into a failure on every run instead of a rare one.
+CHILD_ENV = {"TRITON_INTERPRET": "1", "MALLOC_PERTURB_": "165", "OMP_NUM_THREADS": "1",
+             "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
+
+
 def run_interpreted(cases: list[dict], timeout: float = 900) -> list[dict]:
     """Evaluate ``cases`` with the Triton interpreter in a subprocess; see :func:`_run_case` for keys."""
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    env = {**os.environ, **CHILD_ENV}
     proc = subprocess.run([sys.executable, "-m", "effdl.attention.interpret", json.dumps(cases)],
                           env=env, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
         raise RuntimeError(f"the Triton interpreter run failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _digest(*tensors) -> str:
+    """A hash of the results' bytes: two runs of one case must agree to the bit."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for t in tensors:
+        h.update(t.detach().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def _run_case(case: dict) -> dict:
@@ -71,13 +89,14 @@ def _run_case(case: dict) -> dict:
         g_pt = torch.autograd.grad(naive_attention(qr, kr, vr, causal=causal), (qr, kr, vr), do)
         g_tr = torch.autograd.grad(triton_attention(qr, kr, vr, causal=causal), (qr, kr, vr), do)
         rules = [within_baseline(a, b, c, factor=3) for a, b, c in zip(g_tr, g_pt, g_ref)]   # dq, dk, dv
-        row.update(err=max(r.err for r in rules), err_pt=max(r.err_pt for r in rules),
-                   passed=all(rules), grad_errs=[r.err for r in rules], seconds=time.perf_counter() - t0)
+        row.update(err=max(r.err for r in rules), err_pt=max(r.err_pt for r in rules), passed=all(rules),
+                   grad_errs=[r.err for r in rules], digest=_digest(*g_tr), seconds=time.perf_counter() - t0)
         return row
     else:
         raise ValueError(f"unknown case kind {kind!r}")
     rule = within_baseline(out, pt, ref, factor=2)
-    row.update(err=rule.err, err_pt=rule.err_pt, passed=rule.passed, seconds=time.perf_counter() - t0)
+    row.update(err=rule.err, err_pt=rule.err_pt, passed=rule.passed, digest=_digest(out),
+               seconds=time.perf_counter() - t0)
     return row
 
 

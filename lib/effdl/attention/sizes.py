@@ -52,11 +52,12 @@ SIZES = {
         warmup=1, repeat=3,
     ),
     "gpu": Sizes(
-        batch=4, heads=16, head_dim=64, seq_lens=(1024, 2048, 4096, 8192), target_N=4096, tile_N=4096,
+        # a T4 (15 GiB): naive attention's two N x N fp32 matrices at N = 8192 take 2 x 2 GiB
+        batch=1, heads=8, head_dim=64, seq_lens=(1024, 2048, 4096, 8192), target_N=4096, tile_N=4096,
         tiles=((64, 64), (128, 128), (256, 256), (512, 512), (1024, 1024), (2048, 2048)),
         matmul_tiles=(64, 128, 256, 512, 1024, 2048), grad_N=2048,
         io_N=(256, 512, 1024, 2048), io_d=(32, 64, 128), io_M=(1024, 4096, 16384, 65536), triton_N=1024,
-        decode_L=(4096, 32768, 131072), decode_batch=8, decode_heads=32,
+        decode_L=(4096, 32768, 131072), decode_batch=1, decode_heads=8,
         suite_N=(1024, 4096, 16384), suite_tokens=16384, suite_hidden=2048, suite_head_dims=(64, 128),
         warmup=3, repeat=10,
     ),

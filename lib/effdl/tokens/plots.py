@@ -18,7 +18,9 @@ __all__ = ["kept_tokens_figure", "explore_kept", "token_overlay", "plot_tradeoff
 def token_overlay(model, image: torch.Tensor, reducer, seed: int = 0):
     """Per-patch status of one page: ``(H/p, W/p)`` array, 1 kept, 0.5 merged/fused, 0 dropped."""
     gen = torch.Generator().manual_seed(seed)
-    _, info = model(image[None], reducer, generator=gen, return_info=True)
+    dev = next(model.parameters()).device
+    _, info = model(image[None].to(dev), reducer, generator=gen, return_info=True)
+    info = {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in info.items()}
     n = model.n_patches
     assign = info["assign"][0] if info["assign"] is not None else torch.arange(1, n + 1)
     counts = torch.bincount(assign.clamp_min(0), minlength=n + 2)

@@ -29,6 +29,7 @@ def train(model, images, labels, *, steps: int, batch: int = 64, lr: float = 3e-
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     gen = torch.Generator().manual_seed(seed)
+    dev = next(model.parameters()).device
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     warm = max(1, steps // 10)
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -38,8 +39,10 @@ def train(model, images, labels, *, steps: int, batch: int = 64, lr: float = 3e-
     bar = tqdm(range(steps), desc="train", disable=not progress, leave=False)
     for step in bar:
         idx = torch.randint(0, n, (min(batch, n),), generator=gen)
-        logits = model(images[idx], reducer, generator=gen)
-        loss = F.cross_entropy(logits, labels[idx])
+        # why move per batch: the pages stay in host memory (and in the figures); only a batch
+        # visits the model's device
+        logits = model(images[idx].to(dev), reducer, generator=gen)
+        loss = F.cross_entropy(logits, labels[idx].to(dev))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -59,9 +62,10 @@ def evaluate(model, images, labels, reducer=None, *, batch: int = 256, seed: int
     model.eval()
     gen = torch.Generator().manual_seed(seed)
     correct, kept = 0, 0.0
+    dev = next(model.parameters()).device
     for i in range(0, images.shape[0], batch):
-        logits, info = model(images[i:i + batch], reducer, generator=gen, return_info=True)
-        correct += int((logits.argmax(-1) == labels[i:i + batch]).sum())
+        logits, info = model(images[i:i + batch].to(dev), reducer, generator=gen, return_info=True)
+        correct += int((logits.argmax(-1).cpu() == labels[i:i + batch].cpu()).sum())
         kept += float(info["n_kept"].sum())
     n = images.shape[0]
     return {"accuracy": correct / n, "kept_frac": kept / (n * model.n_patches)}
