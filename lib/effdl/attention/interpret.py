@@ -16,7 +16,6 @@ import subprocess
 import sys
 import time
 
-
 #: The child's environment.  The interpreter runs the grid one program at a time; fixing every
 #: thread pool at one thread and poisoning glibc's heap (``MALLOC_PERTURB_``: fresh and freed
 #: blocks are filled with a byte pattern) make a run reproducible to the bit and turn a read of
