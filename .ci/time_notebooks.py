@@ -54,7 +54,10 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     os.environ["EFFDL_PROFILE"] = args.profile
     from effdl.bench.core import write_json
+    from effdl.estimate import measure_machine
 
+    machine = measure_machine()          # the peaks effdl.estimate calibrates its model against
+    print(f"this machine: {machine}", flush=True)
     paths = args.notebooks or sorted((ROOT / "notebooks").glob("*.ipynb"))
     rows = []
     for p in paths:
@@ -66,7 +69,8 @@ def main(argv=None) -> int:
         )
         rows.append(row)
     out = ROOT / "book" / "results" / f"notebook-timings-{args.profile}.json"
-    write_json(rows, out, profile=args.profile, command=" ".join([Path(sys.argv[0]).name, *sys.argv[1:]]))
+    write_json(rows, out, profile=args.profile, command=" ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+               machine=machine)
     print(out)
     return 0 if all(r["status"] == "ok" for r in rows) else 1
 

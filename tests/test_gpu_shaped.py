@@ -19,6 +19,7 @@ from effdl.device import capabilities, live_device, simulated_gpu
 from effdl.profile import gpu_shaped, sizes
 
 ROOT = Path(__file__).resolve().parents[1]
+SHOWN_WIDTH = 88        # characters of code the site's column shows without cutting
 
 
 def test_simulated_t4_is_described_and_tensors_stay_on_the_cpu(monkeypatch):
@@ -57,3 +58,10 @@ def test_chapter_runs_gpu_shaped(stem, monkeypatch):
                    resources={"metadata": {"path": str(ROOT / "notebooks")}}).execute()
     text = "\n".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
     assert "Tesla T4 (simulated" in text and "gpu-shaped" in text
+    # the library code the page shows (show_source) must fit the site's code column
+    shown = [o["data"]["text/markdown"] for c in nb.cells if c.cell_type == "code" for o in c.outputs
+             if "```python" in o.get("data", {}).get("text/markdown", "")]
+    assert shown, "no show_source output seen"
+    wide = [f"{md.splitlines()[0]} ({len(line)} chars): {line.strip()[:60]}"
+            for md in shown for line in md.splitlines() if len(line) > SHOWN_WIDTH]
+    assert not wide, f"{len(wide)} shown lines wider than {SHOWN_WIDTH} characters:\n" + "\n".join(wide)

@@ -99,8 +99,12 @@ def capabilities() -> Capabilities:
     )
 
 
-def report() -> Capabilities:
-    """Print what this runtime supports and what the course will skip; return the capabilities."""
+def report(chapter: str | None = None) -> Capabilities:
+    """Print what this runtime supports and what the course will skip; return the capabilities.
+
+    With ``chapter``, also how long that chapter's ``gpu`` profile takes on a free Colab T4
+    (:func:`effdl.estimate.describe`).
+    """
     import platform
 
     from effdl import __version__
@@ -120,4 +124,8 @@ def report() -> Capabilities:
         print(f"bf16: {'yes' if c.bf16 else no}; SDPA flash backend: {'yes' if c.sdpa_flash else no}")
         triton_note = "no (need sm_80+ and triton) — the PyTorch paths run instead"
         print(f"Triton kernels of this course: {'yes' if c.triton_gpu else triton_note}")
+    if chapter:
+        from effdl.estimate import describe
+
+        print(describe(chapter))
     return c

@@ -13,23 +13,25 @@ import torch
 from effdl.validate import causal_mask, check_qkv
 
 
-def naive_attention(q, k, v, causal: bool = False, scale: float | None = None) -> torch.Tensor:
+def naive_attention(
+    q, k, v, causal: bool = False, scale: float | None = None
+) -> torch.Tensor:
     """softmax(q kᵀ · scale) v, with S and P materialized.
 
-    q: (..., Nq, d), k: (..., Nk, d), v: (..., Nk, dv) -> (..., Nq, dv), same dtype as q.
-    ``causal`` masks bottom-right aligned (query i sees keys j <= i + Nk - Nq, as in flash-attn);
-    rows that see no key at all return zeros.
+    q: (..., Nq, d), k: (..., Nk, d), v: (..., Nk, dv) -> (..., Nq, dv), same dtype
+    as q.  ``causal`` masks bottom-right aligned (query i sees keys j <= i + Nk - Nq,
+    as in flash-attn); rows that see no key at all return zeros.
     """
     scale = check_qkv(q, k, v, scale)
-    s = (q @ k.transpose(-2, -1)) * scale                       # (..., Nq, Nk)  written to memory
+    s = (q @ k.transpose(-2, -1)) * scale       # (..., Nq, Nk)  written to memory
     if causal:
         nq, nk = q.shape[-2], k.shape[-2]
         allowed = causal_mask(nq, nk, q0=nk - nq, device=q.device)
         s = s.masked_fill(~allowed, float("-inf"))
-    p = torch.softmax(s, dim=-1)                                # (..., Nq, Nk)  another N² tensor
+    p = torch.softmax(s, dim=-1)                # (..., Nq, Nk)  another N² tensor
     if causal and q.shape[-2] > k.shape[-2]:
-        p = torch.nan_to_num(p, nan=0.0)                        # rows with no visible key
-    return p @ v                                                # (..., Nq, dv)
+        p = torch.nan_to_num(p, nan=0.0)        # rows with no visible key
+    return p @ v                                # (..., Nq, dv)
 
 
 def reference_attention(q, k, v, causal: bool = False, scale: float | None = None, dtype=torch.float64):

@@ -74,8 +74,11 @@ def default_num_splits(rows: int, L: int, device: torch.device, min_chunk: int =
     return int(max(1, min(want, -(-L // min_chunk))))
 
 
-def split_kv_partials(q, k, v, num_splits: int, causal: bool = True, scale: float | None = None):
-    """Partial results of each key chunk: ``(out (S, ..., Nq, dv), lse (S, ..., Nq))``, vectorized.
+def split_kv_partials(
+    q, k, v, num_splits: int, causal: bool = True, scale: float | None = None
+):
+    """Partial results of each key chunk, vectorized:
+    ``(out (S, ..., Nq, dv), lse (S, ..., Nq))``.
 
     The chunks are :func:`split_chunk`'s: S <= ``num_splits`` of them (none for L = 0).
     The equal ones are taken together as views of the cache (no copy), a shorter last
@@ -93,20 +96,23 @@ def split_kv_partials(q, k, v, num_splits: int, causal: bool = True, scale: floa
                 q.new_full(lead, float("-inf"), dtype=acc))
     n_full = L // chunk                                # all but a shorter last chunk
     qs = q * scale
-    # the last key each query sees (bottom-right causal); one vector for all chunks at once,
-    # rather than validate.causal_mask per chunk, so the chunks stay one batched matmul
+    # the last key each query sees (bottom-right causal): one vector for all chunks,
+    # not validate.causal_mask per chunk, so the chunks stay one batched matmul
     rows = torch.arange(nq, device=q.device)
     key_limit = rows + (L - nq) if causal else torch.full((nq,), L - 1, device=q.device)
     outs, lses = [], []
-    parts = [(0, n_full, chunk)] + ([(n_full * chunk, 1, L - n_full * chunk)] if n_full * chunk < L else [])
+    parts = [(0, n_full, chunk)]
+    if n_full * chunk < L:
+        parts.append((n_full * chunk, 1, L - n_full * chunk))
     for start, n, c in parts:
-        kc = k[..., start:start + n * c, :].unflatten(-2, (n, c))       # (..., n, c, d): a view
+        # kc, vc: (..., n, c, d), views of the cache
+        kc = k[..., start:start + n * c, :].unflatten(-2, (n, c))
         vc = v[..., start:start + n * c, :].unflatten(-2, (n, c))
-        s = (qs.unsqueeze(-3) @ kc.transpose(-2, -1)).to(acc)            # (..., n, Nq, c)
+        s = (qs.unsqueeze(-3) @ kc.transpose(-2, -1)).to(acc)  # (..., n, Nq, c)
         key = start + torch.arange(n * c, device=q.device).view(n, 1, c)
         s = s.masked_fill(key > key_limit.view(nq, 1), float("-inf"))
-        m = s.amax(dim=-1)                                               # (..., n, Nq)
-        p = torch.exp(s - safe_shift(m)[..., None])          # fully masked rows: 0
+        m = s.amax(dim=-1)                                     # (..., n, Nq)
+        p = torch.exp(s - safe_shift(m)[..., None])            # fully masked rows: 0
         l = p.sum(dim=-1)
         outs.append(finalize((p.to(v.dtype) @ vc).to(acc), l))  # (..., n, Nq, dv)
         lses.append(state_lse(m, l))
@@ -115,9 +121,12 @@ def split_kv_partials(q, k, v, num_splits: int, causal: bool = True, scale: floa
     return out.movedim(-3, 0), lse.movedim(-2, 0)
 
 
-def decode_attention(q, k_cache, v_cache, num_splits: int | None = None, backend: str = "torch",
-                     causal: bool = True, scale: float | None = None) -> torch.Tensor:
-    """Split-KV (Flash-Decoding) attention of ``q`` (B, H, Nq, d) against a cache (B, H, L, d).
+def decode_attention(
+    q, k_cache, v_cache, num_splits: int | None = None, backend: str = "torch",
+    causal: bool = True, scale: float | None = None,
+) -> torch.Tensor:
+    """Split-KV (Flash-Decoding) attention of ``q`` (B, H, Nq, d) against a cache
+    (B, H, L, d).
 
     Up to ``num_splits`` key chunks (:func:`split_chunk`; by default
     :func:`default_num_splits`) are processed independently and merged by their
@@ -135,19 +144,27 @@ def decode_attention(q, k_cache, v_cache, num_splits: int | None = None, backend
     if backend == "triton":
         from effdl.attention.triton_kernels import triton_decode
 
-        return triton_decode(q, k_cache, v_cache, num_splits=num_splits, causal=causal, scale=scale)
-    outs, lses = split_kv_partials(q, k_cache, v_cache, num_splits, causal=causal, scale=scale)
+        return triton_decode(
+            q, k_cache, v_cache, num_splits=num_splits, causal=causal, scale=scale
+        )
+    outs, lses = split_kv_partials(
+        q, k_cache, v_cache, num_splits, causal=causal, scale=scale
+    )
     out, _ = merge_lse(outs, lses, dim=0)
     return out.to(q.dtype)
 
 
-def lean_schedule(num_heads: int, tiles_per_head: int, workers: int) -> list[list[tuple[int, int, int]]]:
-    """Stream-K (Lean Attention) schedule: each worker gets an equal share (±1) of all key tiles.
+def lean_schedule(
+    num_heads: int, tiles_per_head: int, workers: int
+) -> list[list[tuple[int, int, int]]]:
+    """Stream-K (Lean Attention) schedule: each worker gets an equal share (±1) of all
+    key tiles.
 
-    Returns, per worker, its segments ``(head, first_tile, end_tile)``; a worker's range may end in
-    one head and continue in the next, so every worker does the same work however heads and lengths
-    divide.  Each head's partial states are then merged.  (Not :func:`split_chunk`'s
-    rule, on purpose: that one cuts each head's keys alone, into equal chunks.)
+    Returns, per worker, its segments ``(head, first_tile, end_tile)``; a worker's range
+    may end in one head and continue in the next, so every worker does the same work
+    however heads and lengths divide.  Each head's partial states are then merged.
+    (Not :func:`split_chunk`'s rule, on purpose: that one cuts each head's keys alone,
+    into equal chunks.)
     """
     if min(num_heads, tiles_per_head, workers) < 1:
         raise ValueError("num_heads, tiles_per_head and workers must all be >= 1")

@@ -47,7 +47,8 @@ class IOCount:
 
 
 class FastMemory:
-    """The fast memory of the model: loads and stores count I/Os; holding more than M raises."""
+    """The fast memory of the model: loads and stores count I/Os; holding more than M
+    raises."""
 
     def __init__(self, M: int):
         self.M, self.used, self.peak, self.reads, self.writes = M, 0, 0, 0, 0
@@ -56,7 +57,9 @@ class FastMemory:
         """Make room for n elements computed on chip (no I/O)."""
         self.used += n
         if self.used > self.M:
-            raise ValueError(f"working set {self.used} elements exceeds the fast memory M={self.M}")
+            raise ValueError(
+                f"working set {self.used} elements exceeds the fast memory M={self.M}"
+            )
         self.peak = max(self.peak, self.used)
 
     def load(self, n: int) -> None:
@@ -198,15 +201,15 @@ def _run_fa1(mem: FastMemory, N: int, d: int, Br: int, Bc: int, causal: bool) ->
 
 def _run_fa2(mem: FastMemory, N: int, d: int, Br: int, Bc: int, causal: bool) -> None:
     for i0, br in _tiles(N, Br):
-        mem.load(br * d)                                                 # Q_i
-        mem.alloc(br * d + 2 * br)                                       # O_i, m_i, ℓ_i stay on chip
+        mem.load(br * d)                               # Q_i
+        mem.alloc(br * d + 2 * br)                     # O_i, m_i, ℓ_i stay on chip
         for j0, bc in _tiles(N, Bc):
-            if not _visible(i0, br, j0, causal):                         # causal: skip masked tiles
+            if not _visible(i0, br, j0, causal):       # causal: skip masked tiles
                 break
-            mem.load(2 * bc * d)                                         # K_j, V_j
+            mem.load(2 * bc * d)                       # K_j, V_j
             mem.alloc(br * bc); mem.free(br * bc)
             mem.free(2 * bc * d)
-        mem.store(br * d + br)                                           # O_i and L_i = m_i + log ℓ_i
+        mem.store(br * d + br)                         # O_i and L_i = m_i + log ℓ_i
         mem.free(2 * br * d + 2 * br)
 
 

@@ -29,28 +29,29 @@ def naive_softmax(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
 
 
 def safe_softmax(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
-    """Subtract the row max (pass 1), sum the exponentials (pass 2), normalize (pass 3)."""
+    """Subtract the row max (pass 1), sum the exponentials (pass 2), divide (pass 3)."""
     m = x.amax(dim=dim, keepdim=True)
     e = torch.exp(x - m)
     return e / e.sum(dim=dim, keepdim=True)
 
 
 def online_softmax(x: torch.Tensor, block: int = 128) -> torch.Tensor:
-    """Softmax over the last dim with the max and the sum found in one pass over blocks of ``block``.
+    """Softmax over the last dim with the max and the sum found in one pass over blocks
+    of ``block``.
 
-    Each block updates the running max m and rescales the running sum: ℓ ← ℓ·e^{m_old − m} + Σ e^{x − m}.
-    A second pass writes exp(x − m) / ℓ.
+    Each block updates the running max m and rescales the running sum:
+    ℓ ← ℓ·e^{m_old − m} + Σ e^{x − m}.  A second pass writes exp(x − m) / ℓ.
     """
     if block < 1:
         raise ValueError(f"block must be >= 1, got {block}")
     m = torch.full(x.shape[:-1], float("-inf"), dtype=x.dtype, device=x.device)
     l = torch.zeros(x.shape[:-1], dtype=x.dtype, device=x.device)
-    for start in range(0, x.shape[-1], block):                 # pass 1: max and sum together
+    for start in range(0, x.shape[-1], block):         # pass 1: max and sum together
         xb = x[..., start:start + block]
         m_new = torch.maximum(m, xb.amax(dim=-1))
         l = l * torch.exp(m - m_new) + torch.exp(xb - m_new[..., None]).sum(dim=-1)
         m = m_new
-    return torch.exp(x - m[..., None]) / l[..., None]          # pass 2: normalize
+    return torch.exp(x - m[..., None]) / l[..., None]  # pass 2: normalize
 
 
 # The -inf guard and the finalisation, each in one place: the state functions below,
@@ -118,31 +119,38 @@ def init_state(shape, dv: int, dtype=torch.float32, device=None) -> SoftmaxState
 
 
 def update_state(state: SoftmaxState, s: torch.Tensor, v: torch.Tensor) -> SoftmaxState:
-    """Fold one tile of scores ``s`` (..., r, c) and values ``v`` (..., c, dv) into ``state`` (rows r)."""
+    """Fold one tile of scores ``s`` (..., r, c) and values ``v`` (..., c, dv) into
+    ``state`` (rows r)."""
     m_new = torch.maximum(state.m, s.amax(dim=-1))
     shift = safe_shift(m_new)
-    alpha = torch.exp(state.m - shift)          # safe_rescale(state.m, m_new)
-    p = torch.exp(s - shift[..., None])                         # (..., r, c), masked scores give 0
+    alpha = torch.exp(state.m - shift)     # safe_rescale(state.m, m_new)
+    p = torch.exp(s - shift[..., None])    # (..., r, c), masked scores give 0
     l = state.l * alpha + p.sum(dim=-1)
     acc = state.acc * alpha[..., None] + p.to(v.dtype) @ v
     return SoftmaxState(m_new, l, acc.to(state.acc.dtype))
 
 
 def merge_states(a: SoftmaxState, b: SoftmaxState) -> SoftmaxState:
-    """Combine two states of the same rows seen over disjoint key sets; associative and commutative.
+    """Combine two states of the same rows seen over disjoint key sets; associative and
+    commutative.
 
     m = max(m₁, m₂);  ℓ = ℓ₁e^{m₁−m} + ℓ₂e^{m₂−m};  acc = acc₁e^{m₁−m} + acc₂e^{m₂−m}.
     """
     m = torch.maximum(a.m, b.m)
     wa, wb = safe_rescale(a.m, m), safe_rescale(b.m, m)
-    return SoftmaxState(m, a.l * wa + b.l * wb, a.acc * wa[..., None] + b.acc * wb[..., None])
+    l = a.l * wa + b.l * wb
+    acc = a.acc * wa[..., None] + b.acc * wb[..., None]
+    return SoftmaxState(m, l, acc)
 
 
-def merge_lse(outs: torch.Tensor, lses: torch.Tensor, dim: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Merge normalized partial outputs ``outs`` (..., dv) with their logsumexps ``lses`` along ``dim``.
+def merge_lse(
+    outs: torch.Tensor, lses: torch.Tensor, dim: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Merge normalized partial outputs ``outs`` (..., dv) with their logsumexps
+    ``lses`` along ``dim``.
 
-    The same merge in the (output, lse) form used by split-KV decoding: weights are e^{lse_i − lse}.
-    Splits that saw no key (lse = -inf) get weight 0.
+    The same merge in the (output, lse) form used by split-KV decoding: weights are
+    e^{lse_i − lse}.  Splits that saw no key (lse = -inf) get weight 0.
     """
     lse = torch.logsumexp(lses, dim=dim, keepdim=True)
     w = safe_rescale(lses, lse)                 # e^{lse_i − lse}; 0 where lse_i = -inf

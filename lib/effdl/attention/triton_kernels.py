@@ -65,28 +65,37 @@ def check_triton_device(t: torch.Tensor) -> None:
 # ----------------------------------------------------------------------------------------------
 
 @triton.jit
-def _fwd_tile(acc, l_i, m_i, q, k_ptrs, v_ptrs, start_n, offs_m, offs_n, mask_d, N_K, off,
-              stride_kn, stride_vn, qk_scale,
-              MASKED: tl.constexpr, CAUSAL: tl.constexpr, EVEN_D: tl.constexpr, IEEE: tl.constexpr):
-    """Fold key tile [start_n, start_n + BLOCK_N) into the running (acc, l_i, m_i), log2 domain."""
+def _fwd_tile(
+    acc, l_i, m_i, q, k_ptrs, v_ptrs, start_n, offs_m, offs_n, mask_d, N_K, off,
+    stride_kn, stride_vn, qk_scale,
+    MASKED: tl.constexpr, CAUSAL: tl.constexpr, EVEN_D: tl.constexpr,
+    IEEE: tl.constexpr,
+):
+    """Fold key tile [start_n, start_n + BLOCK_N) into the running (acc, l_i, m_i),
+    log2 domain."""
     cols = start_n + offs_n
     if MASKED:
-        k = tl.load(k_ptrs + start_n * stride_kn, mask=(cols[None, :] < N_K) & mask_d[:, None], other=0.0)
+        k = tl.load(
+            k_ptrs + start_n * stride_kn,
+            mask=(cols[None, :] < N_K) & mask_d[:, None],
+            other=0.0,
+        )
     elif EVEN_D:
         k = tl.load(k_ptrs + start_n * stride_kn)
     else:
         k = tl.load(k_ptrs + start_n * stride_kn, mask=mask_d[:, None], other=0.0)
     if IEEE:
-        qk = tl.dot(q, k, input_precision="ieee")                        # fp32 inputs: no TF32 rounding
+        qk = tl.dot(q, k, input_precision="ieee")  # fp32 inputs: no TF32 rounding
     else:
-        qk = tl.dot(q, k)                                                # (BLOCK_M, BLOCK_N), fp32
+        qk = tl.dot(q, k)                          # (BLOCK_M, BLOCK_N), fp32
     if MASKED:
         keep = cols[None, :] < N_K
         if CAUSAL:
-            keep = keep & (cols[None, :] <= offs_m[:, None] + off)      # bottom-right alignment
+            # bottom-right alignment
+            keep = keep & (cols[None, :] <= offs_m[:, None] + off)
         qk = tl.where(keep, qk * qk_scale, float("-inf"))
         m_ij = tl.maximum(m_i, tl.max(qk, 1))
-        m_ij = tl.where(m_ij == float("-inf"), 0.0, m_ij)              # rows that see nothing yet
+        m_ij = tl.where(m_ij == float("-inf"), 0.0, m_ij)  # rows that see nothing yet
         qk = qk - m_ij[:, None]
     else:
         m_ij = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
@@ -96,7 +105,11 @@ def _fwd_tile(acc, l_i, m_i, q, k_ptrs, v_ptrs, start_n, offs_m, offs_n, mask_d,
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None]
     if MASKED:
-        v = tl.load(v_ptrs + start_n * stride_vn, mask=(cols[:, None] < N_K) & mask_d[None, :], other=0.0)
+        v = tl.load(
+            v_ptrs + start_n * stride_vn,
+            mask=(cols[:, None] < N_K) & mask_d[None, :],
+            other=0.0,
+        )
     elif EVEN_D:
         v = tl.load(v_ptrs + start_n * stride_vn)
     else:
@@ -109,18 +122,21 @@ def _fwd_tile(acc, l_i, m_i, q, k_ptrs, v_ptrs, start_n, offs_m, offs_n, mask_d,
 
 
 @triton.jit
-def _attn_fwd(Q, K, V, O, LSE, qk_scale,
-              stride_qz, stride_qh, stride_qm, stride_qd,
-              stride_kz, stride_kh, stride_kn, stride_kd,
-              stride_vz, stride_vh, stride_vn, stride_vd,
-              stride_oz, stride_oh, stride_om, stride_od,
-              H, N_Q, N_K,
-              HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-              CAUSAL: tl.constexpr, IEEE: tl.constexpr):
+def _attn_fwd(
+    Q, K, V, O, LSE, qk_scale,
+    stride_qz, stride_qh, stride_qm, stride_qd,
+    stride_kz, stride_kh, stride_kn, stride_kd,
+    stride_vz, stride_vh, stride_vn, stride_vd,
+    stride_oz, stride_oh, stride_om, stride_od,
+    H, N_Q, N_K,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr, IEEE: tl.constexpr,
+):
     num_m = tl.cdiv(N_Q, BLOCK_M)
     pid_m = tl.program_id(0)
     if CAUSAL:
-        pid_m = num_m - 1 - pid_m                                        # heaviest tiles first
+        pid_m = num_m - 1 - pid_m                      # heaviest tiles first
     zh = tl.program_id(1)
     z, h = zh // H, zh % H
     start_m = pid_m * BLOCK_M
@@ -129,32 +145,56 @@ def _attn_fwd(Q, K, V, O, LSE, qk_scale,
     offs_d = tl.arange(0, BLOCK_D)
     mask_d = offs_d < HEAD_DIM
     EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
-    q_ptrs = Q + z * stride_qz + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd
-    k_ptrs = K + z * stride_kz + h * stride_kh + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd
-    v_ptrs = V + z * stride_vz + h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd
+    q_ptrs = (
+        Q + z * stride_qz + h * stride_qh
+        + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd
+    )
+    k_ptrs = (
+        K + z * stride_kz + h * stride_kh
+        + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd
+    )
+    v_ptrs = (
+        V + z * stride_vz + h * stride_vh
+        + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd
+    )
     q = tl.load(q_ptrs, mask=(offs_m[:, None] < N_Q) & mask_d[None, :], other=0.0)
     m_i = tl.zeros([BLOCK_M], dtype=tl.float32) - float("inf")
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     off = N_K - N_Q
     if CAUSAL:
-        hi = tl.minimum(N_K, start_m + BLOCK_M + off)                    # keys after hi: masked for all rows
-        full = tl.minimum(start_m + off + 1, N_K)                        # keys before: visible to all rows
+        hi = tl.minimum(N_K, start_m + BLOCK_M + off)  # keys ≥ hi: masked for all rows
+        full = tl.minimum(start_m + off + 1, N_K)      # keys < full: seen by all rows
     else:
         hi = N_K
         full = N_K
     full = tl.maximum(full, 0) // BLOCK_N * BLOCK_N
-    for start_n in range(0, full, BLOCK_N):                              # stage 1: no masks
-        acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_ptrs, v_ptrs, start_n, offs_m, offs_n, mask_d, N_K,
-                                  off, stride_kn, stride_vn, qk_scale, False, CAUSAL, EVEN_D, IEEE)
-    for start_n in range(full, hi, BLOCK_N):                             # stage 2: diagonal and tail
-        acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_ptrs, v_ptrs, start_n, offs_m, offs_n, mask_d, N_K,
-                                  off, stride_kn, stride_vn, qk_scale, True, CAUSAL, EVEN_D, IEEE)
+    for start_n in range(0, full, BLOCK_N):            # stage 1: no masks
+        acc, l_i, m_i = _fwd_tile(
+            acc, l_i, m_i, q, k_ptrs, v_ptrs, start_n, offs_m, offs_n, mask_d, N_K,
+            off, stride_kn, stride_vn, qk_scale, False, CAUSAL, EVEN_D, IEEE,
+        )
+    for start_n in range(full, hi, BLOCK_N):           # stage 2: diagonal and tail
+        acc, l_i, m_i = _fwd_tile(
+            acc, l_i, m_i, q, k_ptrs, v_ptrs, start_n, offs_m, offs_n, mask_d, N_K,
+            off, stride_kn, stride_vn, qk_scale, True, CAUSAL, EVEN_D, IEEE,
+        )
     empty = l_i == 0.0
     acc = acc / tl.where(empty, 1.0, l_i)[:, None]
-    lse = tl.where(empty, float("-inf"), (m_i + tl.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
-    o_ptrs = O + z * stride_oz + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od
-    tl.store(o_ptrs, acc.to(O.dtype.element_ty), mask=(offs_m[:, None] < N_Q) & mask_d[None, :])
+    lse = tl.where(
+        empty,
+        float("-inf"),
+        (m_i + tl.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453,
+    )
+    o_ptrs = (
+        O + z * stride_oz + h * stride_oh
+        + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od
+    )
+    tl.store(
+        o_ptrs,
+        acc.to(O.dtype.element_ty),
+        mask=(offs_m[:, None] < N_Q) & mask_d[None, :],
+    )
     tl.store(LSE + zh * N_Q + offs_m, lse, mask=offs_m < N_Q)
 
 

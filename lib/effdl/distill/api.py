@@ -91,12 +91,17 @@ def _reject(options: dict, allowed: set, method: str) -> None:
         raise TypeError(f"method {method!r} takes no option(s) {sorted(unknown)}; it takes {sorted(allowed)}")
 
 
-def evaluate(x_syn: torch.Tensor, y_syn: torch.Tensor, x_test: torch.Tensor, y_test: torch.Tensor,
-             seed: int = 0, epochs: int | None = None, *, width: int = 128, lr: float = 0.01,
-             batch_size: int = 256, num_classes: int | None = None) -> float:
+def evaluate(
+    x_syn: torch.Tensor, y_syn: torch.Tensor,
+    x_test: torch.Tensor, y_test: torch.Tensor,
+    seed: int = 0, epochs: int | None = None, *,
+    width: int = 128, lr: float = 0.01, batch_size: int = 256,
+    num_classes: int | None = None,
+) -> float:
     """Train a fresh ConvNet-3 on ``(x_syn, y_syn)`` and return its test accuracy in %.
 
-    SGD (momentum 0.9, weight decay 5e-4), learning rate ÷10 halfway; ``epochs`` defaults to 300.
+    SGD (momentum 0.9, weight decay 5e-4), learning rate ÷10 halfway; ``epochs``
+    defaults to 300.
     """
     validate(x_syn, y_syn)
     validate(x_test, y_test)
@@ -125,5 +130,6 @@ def evaluate(x_syn: torch.Tensor, y_syn: torch.Tensor, x_test: torch.Tensor, y_t
     correct = 0
     with torch.no_grad():
         for i in range(0, len(x_test), 1024):
-            correct += int((net(x_test[i:i + 1024]).argmax(1) == y_test[i:i + 1024].to(x_test.device)).sum())
+            pred = net(x_test[i:i + 1024]).argmax(1)
+            correct += int((pred == y_test[i:i + 1024].to(x_test.device)).sum())
     return 100.0 * correct / len(x_test)

@@ -15,8 +15,9 @@ def random_subset(x: torch.Tensor, y: torch.Tensor, ipc: int, seed: int = 0):
 
 
 def herding_indices(features: torch.Tensor, k: int) -> torch.Tensor:
-    """Greedy mean matching: pick ``k`` rows of ``features`` (n, d) one at a time, each time the row that
-    brings the mean of the picked rows closest to the mean of all rows.  Returns (k,) row indices."""
+    """Greedy mean matching: pick ``k`` rows of ``features`` (n, d) one at a time, each
+    time the row that brings the mean of the picked rows closest to the mean of all
+    rows.  Returns (k,) row indices."""
     if not 1 <= k <= features.shape[0]:
         raise ValueError(f"cannot pick k={k} rows out of {features.shape[0]}")
     f = features.double()
@@ -25,7 +26,7 @@ def herding_indices(features: torch.Tensor, k: int) -> torch.Tensor:
     acc = torch.zeros_like(target)
     available = torch.ones(f.shape[0], dtype=torch.bool, device=f.device)
     for j in range(k):
-        cand = (acc + f) / (j + 1)                            # (n, d): the mean if row i were added
+        cand = (acc + f) / (j + 1)          # (n, d): the mean if row i were added
         dist = ((cand - target) ** 2).sum(1)
         dist[~available] = float("inf")
         i = int(dist.argmin())

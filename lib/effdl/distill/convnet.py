@@ -14,19 +14,29 @@ __all__ = ["ConvNet", "make_net"]
 
 
 class ConvNet(nn.Module):
-    """ConvNet-``depth`` for ``(n, channels, *im_size)`` images; ``width`` channels in every block."""
+    """ConvNet-``depth`` for ``(n, channels, *im_size)`` images; ``width`` channels in
+    every block."""
 
-    def __init__(self, channels: int = 1, num_classes: int = 10, width: int = 128, depth: int = 3,
-                 im_size: tuple[int, int] = (8, 8)):
+    def __init__(
+        self, channels: int = 1, num_classes: int = 10, width: int = 128,
+        depth: int = 3, im_size: tuple[int, int] = (8, 8),
+    ):
         super().__init__()
         if min(im_size) < 2 ** depth:
-            raise ValueError(f"images of size {tuple(im_size)} are too small for depth {depth}: "
-                             f"each block halves the side; use depth ≤ {int(min(im_size)).bit_length() - 1}")
+            raise ValueError(
+                f"images of size {tuple(im_size)} are too small for depth {depth}: "
+                "each block halves the side; "
+                f"use depth ≤ {int(min(im_size)).bit_length() - 1}"
+            )
         layers: list[nn.Module] = []
         c = channels
         for _ in range(depth):
-            layers += [nn.Conv2d(c, width, 3, padding=1), nn.GroupNorm(width, width, affine=True),
-                       nn.ReLU(inplace=True), nn.AvgPool2d(2)]
+            layers += [
+                nn.Conv2d(c, width, 3, padding=1),
+                nn.GroupNorm(width, width, affine=True),
+                nn.ReLU(inplace=True),
+                nn.AvgPool2d(2),
+            ]
             c = width
         self.body = nn.Sequential(*layers)
         h, w = im_size[0] >> depth, im_size[1] >> depth

@@ -20,31 +20,40 @@ from effdl.distill.convnet import make_net
 __all__ = ["gradient_distance", "dc_match_loss", "dc_inner_train", "DCStepper"]
 
 
-def gradient_distance(g_real: Sequence[torch.Tensor], g_syn: Sequence[torch.Tensor]) -> torch.Tensor:
-    """DC's layer-wise distance: Σ over weight tensors and output units of ``1 − cos(g_real, g_syn)``.
+def gradient_distance(
+    g_real: Sequence[torch.Tensor], g_syn: Sequence[torch.Tensor]
+) -> torch.Tensor:
+    """DC's layer-wise distance: Σ over weight tensors and output units of
+    ``1 − cos(g_real, g_syn)``.
 
     1-D parameters (biases, norm scales) are skipped, as in the DC paper."""
     total = 0.0
     for gr, gs in zip(g_real, g_syn):
         if gr.ndim == 1:
             continue
-        gr, gs = gr.reshape(gr.shape[0], -1), gs.reshape(gs.shape[0], -1)      # (out, rest)
+        gr, gs = gr.reshape(gr.shape[0], -1), gs.reshape(gs.shape[0], -1)  # (out, rest)
         cos = (gr * gs).sum(1) / (gr.norm(dim=1) * gs.norm(dim=1) + 1e-6)
         total = total + (1 - cos).sum()
     return total
 
 
-def dc_match_loss(net: nn.Module, real_by_class: Sequence[torch.Tensor], syn_by_class: Sequence[torch.Tensor],
-                  labels: Sequence[int]) -> torch.Tensor:
-    """Σ over classes of the gradient distance; differentiable w.r.t. the synthetic images."""
+def dc_match_loss(
+    net: nn.Module, real_by_class: Sequence[torch.Tensor],
+    syn_by_class: Sequence[torch.Tensor], labels: Sequence[int],
+) -> torch.Tensor:
+    """Σ over classes of the gradient distance; differentiable w.r.t. the synthetic
+    images."""
     params = [p for p in net.parameters() if p.requires_grad]
     loss = 0.0
     for xr, xs, c in zip(real_by_class, syn_by_class, labels):
         yr = torch.full((xr.shape[0],), c, dtype=torch.long, device=xr.device)
         ys = torch.full((xs.shape[0],), c, dtype=torch.long, device=xs.device)
-        g_real = [g.detach() for g in torch.autograd.grad(F.cross_entropy(net(xr), yr), params)]
-        # why create_graph: the loss below must be differentiated again, w.r.t. the images
-        g_syn = torch.autograd.grad(F.cross_entropy(net(xs), ys), params, create_graph=True)
+        g_real = torch.autograd.grad(F.cross_entropy(net(xr), yr), params)
+        g_real = [g.detach() for g in g_real]
+        # why create_graph: the loss below is differentiated again, w.r.t. the images
+        g_syn = torch.autograd.grad(
+            F.cross_entropy(net(xs), ys), params, create_graph=True
+        )
         loss = loss + gradient_distance(g_real, g_syn)
     return loss
 
@@ -81,12 +90,17 @@ class DCStepper:
 
     def step(self) -> float:
         if self.it % self.outer_loop == 0:
-            self.net = make_net(self.x_syn, len(self.classes), self.width, seed=10_000 * self.seed + 5_000 + self.it)
-        reals = [xc[torch.randperm(len(xc), generator=self.g)[:self.real_per_class].to(xc.device)]
-                 for xc in self.real_x]
-        loss = dc_match_loss(self.net, reals, [self.x_syn[i] for i in self.syn_idx], self.classes)
+            seed = 10_000 * self.seed + 5_000 + self.it
+            self.net = make_net(self.x_syn, len(self.classes), self.width, seed=seed)
+        reals = []
+        for xc in self.real_x:
+            idx = torch.randperm(len(xc), generator=self.g)[:self.real_per_class]
+            reals.append(xc[idx.to(xc.device)])
+        loss = dc_match_loss(
+            self.net, reals, [self.x_syn[i] for i in self.syn_idx], self.classes
+        )
         self.opt.zero_grad(set_to_none=True)
-        loss.backward()                                        # second order: through the gradients
+        loss.backward()                      # second order: through the gradients
         self.opt.step()
         dc_inner_train(self.net, self.x_syn, self.y_syn, self.inner_steps, self.net_lr)
         self.it += 1

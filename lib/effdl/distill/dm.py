@@ -15,10 +15,13 @@ __all__ = ["mean_embedding_mmd", "dm_loss"]
 
 
 def mean_embedding_mmd(f_real: torch.Tensor, f_syn: torch.Tensor) -> torch.Tensor:
-    """Squared distance of mean embeddings (MMD², linear kernel): ``f_*`` are (n, d) -> scalar."""
+    """Squared distance of mean embeddings (MMD², linear kernel):
+    ``f_*`` are (n, d) -> scalar."""
     if f_real.ndim != 2 or f_syn.ndim != 2 or f_real.shape[1] != f_syn.shape[1]:
-        raise ValueError(f"need two (n, d) feature sets with the same d, got {tuple(f_real.shape)} "
-                         f"and {tuple(f_syn.shape)}")
+        raise ValueError(
+            "need two (n, d) feature sets with the same d, "
+            f"got {tuple(f_real.shape)} and {tuple(f_syn.shape)}"
+        )
     return ((f_real.mean(0) - f_syn.mean(0)) ** 2).sum()
 
 

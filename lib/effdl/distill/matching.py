@@ -26,12 +26,17 @@ class FeaturePool:
     frequency scale ``sigma`` suits every network.
     """
 
-    def __init__(self, x: torch.Tensor, y: torch.Tensor, size: int, width: int, seed: int,
-                 cache_real: bool = True, chunk: int = 1024):
+    def __init__(
+        self, x: torch.Tensor, y: torch.Tensor, size: int, width: int, seed: int,
+        cache_real: bool = True, chunk: int = 1024,
+    ):
         self.classes = torch.unique(y).tolist()
-        self.nets = [make_net(x, len(self.classes), width, seed=10_000 * seed + k) for k in range(size)]
+        self.nets = [
+            make_net(x, len(self.classes), width, seed=10_000 * seed + k)
+            for k in range(size)
+        ]
         for net in self.nets:
-            net.requires_grad_(False)                          # why: only images/sampler are learned
+            net.requires_grad_(False)            # why: only images/sampler are learned
         self.real_x = [x[y == c] for c in self.classes]
         self.cache_real, self.chunk = cache_real, chunk
         self.scale: list[float] = []
@@ -103,13 +108,18 @@ class MatchingStepper:
 
     def step(self) -> float:
         pool, g = self.pool, self.g
-        k = int(torch.randint(len(pool.nets), (1,), generator=g))              # a network of the pool
-        f_syn = pool.syn_features(k, self.x_syn)[self.syn_idx]                   # (classes, ipc, d)
-        f_real = torch.stack([pool.real_batch(k, ci, self.real_per_class, g)     # (classes, n, d)
-                              for ci in range(len(pool.classes))])
+        # k: a network of the pool
+        k = int(torch.randint(len(pool.nets), (1,), generator=g))
+        f_syn = pool.syn_features(k, self.x_syn)[self.syn_idx]    # (classes, ipc, d)
+        f_real = torch.stack([                                    # (classes, n, d)
+            pool.real_batch(k, ci, self.real_per_class, g)
+            for ci in range(len(pool.classes))
+        ])
         t = None
         if self.method == "cfd":
-            t = gaussian_frequencies(self.n_freq, pool.dim, self.sigma / pool.dim ** 0.5, generator=g)
+            t = gaussian_frequencies(
+                self.n_freq, pool.dim, self.sigma / pool.dim ** 0.5, generator=g
+            )
             t = t.to(self.x_syn.device)
         elif self.method == "ncfm" and self.it % self.sampler_every == 0:
             return self._minmax_step(f_real, f_syn)
@@ -124,20 +134,23 @@ class MatchingStepper:
         return float(loss.detach())
 
     def _minmax_step(self, f_real: torch.Tensor, f_syn: torch.Tensor) -> float:
-        """Both players from ONE forward and ONE backward: descent for the images, ascent for the sampler.
+        """Both players from ONE forward and ONE backward: descent for the images,
+        ascent for the sampler.
 
-        ∂L/∂θ_sampler does not depend on whether the images' side of the graph is detached, so one
-        ``autograd.grad`` returns both gradients; the sampler's optimizer has ``maximize=True``, so it
-        ascends the same gradient.  Each player gets its own gradient and its own step: nothing
-        accumulates into a shared ``.grad`` (the official order's bug), and it costs one CF evaluation
-        (one pass over the real features, see :func:`effdl.distill.cf.paired_cf`) instead of two."""
+        ∂L/∂θ_sampler does not depend on whether the images' side of the graph is
+        detached, so one ``autograd.grad`` returns both gradients; the sampler's
+        optimizer has ``maximize=True``, so it ascends the same gradient.  Each player
+        gets its own gradient and its own step: nothing accumulates into a shared
+        ``.grad`` (the official order's bug), and it costs one CF evaluation (one pass
+        over the real features, see :func:`effdl.distill.cf.paired_cf`) instead of
+        two."""
         params = list(self.sampler.parameters())
         t = self.sampler(self.sampler.draw_noise(self.g))
         loss = matching_loss("ncfm", f_real, f_syn, t, self.alpha, self.beta)
         grads = torch.autograd.grad(loss, [self.x_syn, *params])
-        self.x_syn.grad = grads[0]                     # minimize w.r.t. the images
+        self.x_syn.grad = grads[0]               # minimize w.r.t. the images
         for p, gp in zip(params, grads[1:]):
-            p.grad = gp                                # the sampler's optimizer maximizes
+            p.grad = gp                          # the sampler's optimizer maximizes
         self.opt.step()
         self.s_opt.step()
         self.it += 1

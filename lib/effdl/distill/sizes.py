@@ -41,9 +41,58 @@ SIZES = {
                  real_per_class=64, n_freq=256, sigma=1.0, lr=(0.05, 0.01), sampler_lr=0.01,
                  cost_repeat=10, demo_iterations=30, suite_ipcs=(1, 10), suite_image=32,
                  cpu_threads=1),
-    "gpu": Sizes(dataset="cifar10", ipcs=(1, 10), seeds=(0, 1, 2), iterations=(2000, 2000),
-                 dc_iterations=(200, 100), eval_epochs=(1000, 1000), full_epochs=30, width=128, pool_size=16,
-                 cache_real=False, real_per_class=256, n_freq=1024, sigma=1.0, lr=(0.05, 0.01), sampler_lr=0.01,
+    # sized for a free Colab T4 by effdl.estimate (the papers run 10-100x longer)
+    "gpu": Sizes(dataset="cifar10", ipcs=(1, 10), seeds=(0, 1, 2), iterations=(200, 200),
+                 dc_iterations=(30, 15), eval_epochs=(300, 300), full_epochs=5, width=128, pool_size=16,
+                 cache_real=False, real_per_class=64, n_freq=1024, sigma=1.0, lr=(0.05, 0.01), sampler_lr=0.01,
                  cost_repeat=10, demo_iterations=200, suite_ipcs=(1, 10, 50), suite_image=32,
                  cpu_threads=None),
 }
+
+
+#: (train images, test images, side, channels, classes) of the datasets a profile may use
+DATASETS = {"digits": (1257, 540, 8, 1, 10), "mnist": (60000, 10000, 28, 1, 10),
+            "fashion_mnist": (60000, 10000, 28, 1, 10), "cifar10": (50000, 10000, 32, 3, 10),
+            "cifar100": (50000, 10000, 32, 3, 100)}
+
+
+def work(S: Sizes):
+    """Dominant work of the chapter's live cells at sizes ``S`` (see :mod:`effdl.estimate`)."""
+    from math import ceil
+
+    from effdl.estimate import Work
+
+    n_train, n_test, side, ch, classes = DATASETS[S.dataset]
+
+    def conv(n):                                   # ConvNet-3 forward on n images
+        f, b, s, c = 0, 0, side, ch
+        for _ in range(3):
+            f += 2 * 9 * c * S.width * s * s
+            b += 8 * 4 * S.width * s * s           # conv, GroupNorm, ReLU, pool: ~8 passes
+            s, c = s // 2, S.width
+        return Work(flops32=n * f, bytes=n * b, ops=13)
+
+    def evaluate(n_syn, epochs, batch=256):        # train a fresh net, then test it
+        steps = epochs * ceil(n_syn / batch)
+        return 3 * conv(n_syn * epochs) + Work(ops=60 * steps) + conv(n_test)
+
+    def matching(ipc):                             # DM / CF / NCFM: one iteration
+        real = Work() if S.cache_real else conv(S.real_per_class * classes)
+        return real + 3 * conv(ipc * classes) + Work(ops=40)
+
+    def dc(ipc):                                   # DC: gradients of gradients, plus inner steps
+        return 9 * conv(S.real_per_class * classes + ipc * classes) + Work(ops=100 * classes)
+
+    ipc0 = S.ipcs[0]
+    w = 2 * evaluate(ipc0 * classes, S.eval_epochs[0]) + evaluate(n_train, S.full_epochs, 64)
+    for ipc in S.ipcs:                             # sec / iteration, four methods, then NCFM again
+        w += (S.cost_repeat + 2) * (dc(ipc) + 4 * matching(ipc))
+    w += S.iterations[0] * matching(ipc0) + evaluate(ipc0 * classes, S.eval_epochs[0])
+    w += 2 * S.demo_iterations * matching(ipc0)
+    for _seed in S.seeds:                          # the results table
+        if S.cache_real:
+            w += S.pool_size * conv(n_train)
+        for i, ipc in enumerate(S.ipcs):
+            w += S.dc_iterations[i] * dc(ipc) + 3 * S.iterations[i] * matching(ipc)
+            w += 6 * evaluate(ipc * classes, S.eval_epochs[i])
+    return w

@@ -68,3 +68,41 @@ SIZES = {
         ttr_batches=(16, 128, 1024), ttr_target=0.95, ttr_max_epochs=60, ttr_seeds=(0, 1, 2, 3, 4),
     ),
 }
+
+
+def work(S: Sizes):
+    """Dominant work of the chapter's live cells at sizes ``S`` (see :mod:`effdl.estimate`)."""
+    from math import ceil
+
+    from effdl.estimate import Work
+
+    reps = S.warmup + S.repeat
+
+    def matmul(n, times):
+        return times * Work(flops32=2 * n ** 3, bytes=12 * n * n, ops=1)
+
+    def attention(b, h, n, d, times):                    # naive: S and P written and read
+        return times * Work(flops32=4 * b * h * n * n * d, bytes=16 * b * h * n * n, ops=6)
+
+    w = matmul(S.matmul_sizes[-2], S.single_shots + reps)                 # timers and clocks
+    r, c = S.softmax_shape
+    w += 4 * S.repeat * Work(bytes=2 * 6 * r * c * 4, ops=6)              # softmax: five ops vs one
+    w += sum((3 * Work(flops32=2 * b * S.mlp_width ** 2 * S.mlp_depth, ops=8 * S.mlp_depth)
+              for b in S.mlp_batches), Work())                            # training memory
+    b, h, _, d = S.attention
+    w += sum((attention(b, h, n, d, 1) for n in S.attention_mem_seqs), Work())
+    w += matmul(S.peak_matmul_n, S.warmup + S.peak_repeat)                # the roofline's peaks
+    w += (S.warmup + S.peak_repeat) * Work(bytes=2 * S.copy_mib * 2 ** 20, ops=1)
+    w += sum((matmul(n, reps + 1) for n in S.matmul_sizes), Work())       # kernels on the roofline
+    w += (reps + 1) * Work(bytes=16 * S.elementwise_numel, ops=2)
+    w += attention(*S.attention, reps + 1) + matmul(512, reps)
+    bc, ch, hw = S.conv                                                   # four convolutions
+    w += reps * Work(flops32=2 * bc * ch * ch * hw * hw * 9 * 1.3, bytes=4 * 4 * bc * ch * hw * hw, ops=8)
+    w += reps * Work(bytes=(16 + 8) * 4 * S.gelu_numel, ops=9)            # GELU, 8 kernels vs 1
+    # the serving pipeline decodes and resizes images on the host, one Python step each
+    w += 2 * max(3, S.repeat // 2) * Work(host_steps=200 * S.pipeline_images,
+                                          host_flops=50 * S.pipeline_images * S.pipeline_raw_size ** 2)
+    # time to result: an MLP on the digits on the host (an upper bound: runs stop at the target)
+    w += sum((Work(host_steps=12 * ceil(1257 / bt) * S.ttr_max_epochs * len(S.ttr_seeds))
+              for bt in S.ttr_batches), Work())
+    return w

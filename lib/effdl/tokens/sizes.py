@@ -51,10 +51,43 @@ SIZES = {
         kv_bits=(3, 4, 5, 6, 7, 8), threads=1,
     ),
     "gpu": Sizes(
-        page=(256, 256), crop=128, patch=8, glyph_px=6, dim=128, depth=8, heads=4, reduce_at=0,
-        n_train=4000, n_test=1000, train_steps=800, train_batch=128, lr=1e-3, train_time_limit_s=600,
-        finetune_steps=100, keeps=(0.7, 0.5, 0.35, 0.25), bench_batch=64, repeat=20,
-        cost_tokens=(64, 256, 1024, 4096), kv_tokens=4096, kv_dim=256, kv_depth=8,
+        # sized for a free Colab T4 by effdl.estimate; at 4096 tokens, batch 64,
+        # the attention scores alone would take 17 GB
+        page=(128, 128), crop=64, patch=8, glyph_px=6, dim=128, depth=8, heads=4, reduce_at=0,
+        n_train=4000, n_test=1000, train_steps=800, train_batch=128, lr=1e-3, train_time_limit_s=300,
+        finetune_steps=100, keeps=(0.7, 0.5, 0.35, 0.25), bench_batch=32, repeat=20,
+        cost_tokens=(64, 256, 1024, 2048), kv_tokens=4096, kv_dim=256, kv_depth=8,
         kv_bits=(3, 4, 5, 6, 7, 8),
     ),
 }
+
+
+def work(S: Sizes):
+    """Dominant work of the chapter's live cells at sizes ``S`` (see :mod:`effdl.estimate`)."""
+    from math import ceil
+
+    from effdl.estimate import Work
+    from effdl.tokens.vit import block_flops
+
+    n = (S.page[0] // S.patch) * (S.page[1] // S.patch) + 1          # patch tokens + [CLS]
+
+    def forward(pages, tokens=n):                  # scores: written, softmaxed, read (4 passes)
+        scores = 4 * 4 * S.heads * tokens * tokens + 10 * 4 * tokens * S.dim
+        return Work(flops32=pages * S.depth * block_flops(tokens, S.dim), bytes=pages * S.depth * scores,
+                    ops=12 * S.depth)
+
+    def evaluate(pages=S.n_test, batch=256):
+        return ceil(pages / batch) * forward(batch)
+
+    # rendering the pages with matplotlib on the host: about 2.5 Python steps per patch
+    w = Work(host_steps=2.5 * n * (S.n_train + S.n_test))
+    w += (S.train_steps + S.finetune_steps) * 3 * forward(S.train_batch)
+    methods = 7                                                        # reducers.REDUCERS
+    w += (1 + methods + 6 + 2) * evaluate()                           # keep-all, each method, TCC's knobs
+    w += len(S.keeps) * methods * evaluate()                          # the trade-off table's accuracy
+    w += (S.repeat + 1) * len(S.keeps) * methods * (4 * forward(1) + forward(S.bench_batch))
+    for t in S.cost_tokens:                                            # cost against token count
+        w += (S.repeat + 1) * forward(S.bench_batch, t)
+    # the KV-cache section: a small causal LM on the host, one pass plus a codec sweep
+    w += Work(host_flops=(2 + len(S.kv_bits)) * S.kv_depth * block_flops(S.kv_tokens, S.kv_dim, 4.0))
+    return w
