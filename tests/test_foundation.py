@@ -291,3 +291,11 @@ def test_colab_runtime_is_within_the_declared_versions(root):
         req = Requirement(dep)
         if req.name in colab:
             assert Version(colab[req.name]) in req.specifier, (dep, colab[req.name])
+    # the oldest versions are declared, and the pinned set (what the tests run) is inside them
+    floors = {Requirement(d).name: Requirement(d).specifier for d in meta["dependencies"]}
+    for name in ("torch", "numpy", "matplotlib"):
+        assert str(floors[name]).startswith(">="), f"{name}: declare the oldest supported version"
+    pins = dict(line.split("==") for line in (root / "lib" / "requirements-lock.txt").read_text().splitlines()
+                if "==" in line and not line.startswith("#"))
+    for name in ("torch", "numpy", "matplotlib"):
+        assert Version(pins[name].split()[0].split("+")[0]) in floors[name], (name, pins[name])
