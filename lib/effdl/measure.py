@@ -133,19 +133,31 @@ def _one_call_ms(fn: Callable[[], Any], dev: torch.device) -> float:
     return (time.perf_counter() - t0) * 1e3
 
 
-def interleaved(fns: dict[str, Callable[[], Any]], *, rounds: int = 5, warmup: int = 1,
-                device: str | torch.device | None = None) -> dict[str, BenchResult]:
-    """Time several versions in rounds: each round calls every version once, the order rotating.
+def interleaved(
+    fns: dict[str, Callable[[], Any]],
+    *,
+    rounds: int = 5,
+    warmup: int = 1,
+    device: str | torch.device | None = None,
+) -> dict[str, BenchResult]:
+    """Time several versions in rounds: each round calls every version once, the order
+    rotating.
 
-    Why: on a shared machine the speed drifts (other jobs, clock boost, heat).  Timing all of A and
-    then all of B lets a drift masquerade as a difference; round by round every version sees the
-    same machine.  Returns one :class:`BenchResult` per name; ``times_ms[r]`` is round ``r``, so
-    per-round ratios (see :func:`paired_ratio`) pair measurements taken moments apart.
+    Why: on a shared machine the speed drifts (other jobs, clock boost, heat).  Timing
+    all of A and then all of B lets a drift masquerade as a difference; round by round
+    every version sees the same machine.  Returns one :class:`BenchResult` per name;
+    ``times_ms[r]`` is round ``r``, so per-round ratios (see :func:`paired_ratio`) pair
+    measurements taken moments apart.
     """
     if not fns or not all(callable(f) for f in fns.values()):
-        raise TypeError("interleaved expects a non-empty dict of name -> zero-argument callable")
+        raise TypeError(
+            "interleaved expects a non-empty dict of name -> zero-argument callable"
+        )
     if rounds < 1 or warmup < 0:
-        raise ValueError(f"need rounds >= 1 and warmup >= 0, got rounds={rounds}, warmup={warmup}")
+        raise ValueError(
+            "need rounds >= 1 and warmup >= 0, "
+            f"got rounds={rounds}, warmup={warmup}"
+        )
     dev = resolve_device(device)
     for fn in fns.values():
         for _ in range(warmup):
@@ -153,22 +165,32 @@ def interleaved(fns: dict[str, Callable[[], Any]], *, rounds: int = 5, warmup: i
     names = list(fns)
     times: dict[str, list[float]] = {n: [] for n in names}
     for r in range(rounds):
-        shift = r % len(names)  # why: rotate, so no version always runs right after another
+        # why: rotate, so no version always runs right after another
+        shift = r % len(names)
         for name in names[shift:] + names[:shift]:
             times[name].append(_one_call_ms(fns[name], dev))
     return {n: BenchResult(times_ms=t, device=str(dev), warmup=warmup, label=str(n))
             for n, t in times.items()}
 
 
-def paired_ratio(fn_a: Callable[[], Any], fn_b: Callable[[], Any], *, warmup: int = 2,
-                 repeat: int = 10, device=None) -> dict:
-    """A's time over B's, measured interleaved: the median of the per-round ratios and its quartiles.
+def paired_ratio(
+    fn_a: Callable[[], Any],
+    fn_b: Callable[[], Any],
+    *,
+    warmup: int = 2,
+    repeat: int = 10,
+    device=None,
+) -> dict:
+    """A's time over B's, measured interleaved: the median of the per-round ratios and
+    its quartiles.
 
-    ``ratio < 1``: A is faster.  Each round times A and B moments apart (order alternating), so the
-    ratio of a round cancels the machine's speed at that moment; the quartiles of the ratios are the
-    spread to report with it.
+    ``ratio < 1``: A is faster.  Each round times A and B moments apart (order
+    alternating), so the ratio of a round cancels the machine's speed at that moment;
+    the quartiles of the ratios are the spread to report with it.
     """
-    res = interleaved({"a": fn_a, "b": fn_b}, rounds=repeat, warmup=warmup, device=device)
+    res = interleaved(
+        {"a": fn_a, "b": fn_b}, rounds=repeat, warmup=warmup, device=device
+    )
     ta, tb = res["a"].times_ms, res["b"].times_ms
     lo, med, hi = quartiles([a / b for a, b in zip(ta, tb)])
     return dict(ratio=med, ratio_q1=lo, ratio_q3=hi, a_ms=statistics.median(ta),
@@ -237,19 +259,28 @@ def benchmark(
 ) -> BenchResult:
     """Time ``fn()``: ``warmup`` untimed calls, then ``repeat`` timed calls.
 
-    ``device='cuda'`` times each call with a pair of CUDA events (work is asynchronous: a host
-    clock would only measure the launch).  On the CPU a monotonic high-resolution clock is used.
+    ``device='cuda'`` times each call with a pair of CUDA events (work is asynchronous:
+    a host clock would only measure the launch).  On the CPU a monotonic high-resolution
+    clock is used.
     """
     if not callable(fn):
-        raise TypeError(f"benchmark expects a callable taking no arguments, got {type(fn).__name__}")
+        raise TypeError(
+            "benchmark expects a callable taking no arguments, "
+            f"got {type(fn).__name__}"
+        )
     if repeat < 1 or warmup < 0:
-        raise ValueError(f"need repeat >= 1 and warmup >= 0, got repeat={repeat}, warmup={warmup}")
+        raise ValueError(
+            "need repeat >= 1 and warmup >= 0, "
+            f"got repeat={repeat}, warmup={warmup}"
+        )
     dev = resolve_device(device)
-    for _ in range(warmup):  # why: first calls pay for lazy init, allocator growth, compilation
+    # why: first calls pay for lazy init, allocator growth, compilation
+    for _ in range(warmup):
         fn()
     times: list[float] = []
     if dev.type == "cuda":
-        torch.cuda.synchronize(dev)  # why: do not charge queued warm-up work to the first repeat
+        # why: do not charge queued warm-up work to the first repeat
+        torch.cuda.synchronize(dev)
         for _ in range(repeat):
             start = torch.cuda.Event(enable_timing=True)
             end = torch.cuda.Event(enable_timing=True)
@@ -321,14 +352,20 @@ def _cpu_peak_bytes(fn: Callable[[], Any]) -> int:
     return int(peak)
 
 
-def peak_memory(fn: Callable[[], Any], device: str | torch.device | None = None) -> int:
+def peak_memory(
+    fn: Callable[[], Any], device: str | torch.device | None = None
+) -> int:
     """Peak bytes allocated by ``fn()`` above what was live before it ran.
 
-    CUDA: ``torch.cuda.max_memory_allocated`` after a reset.  CPU: the PyTorch profiler's
-    allocation records replayed in time order (tensors only; Python objects are not counted).
+    CUDA: ``torch.cuda.max_memory_allocated`` after a reset.  CPU: the PyTorch
+    profiler's allocation records replayed in time order (tensors only; Python objects
+    are not counted).
     """
     if not callable(fn):
-        raise TypeError(f"peak_memory expects a callable taking no arguments, got {type(fn).__name__}")
+        raise TypeError(
+            "peak_memory expects a callable taking no arguments, "
+            f"got {type(fn).__name__}"
+        )
     dev = resolve_device(device)
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)

@@ -31,49 +31,65 @@ def _check(f_real: torch.Tensor, f_syn: torch.Tensor, t: torch.Tensor) -> None:
 
 
 def empirical_cf(f: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Real and imaginary parts of ``mean_j exp(i⟨t_k, f_j⟩)`` for ``f`` (n, d) and ``t`` (m, d):
-    two tensors of shape (m,).  A leading batch axis on ``f`` (classes, n, d) gives (classes, m)."""
-    phase = f @ t.T                                           # (..., n, m): ⟨t_k, f_j⟩
+    """Real and imaginary parts of ``mean_j exp(i⟨t_k, f_j⟩)`` for ``f`` (n, d) and
+    ``t`` (m, d): two tensors of shape (m,).  A leading batch axis on ``f``
+    (classes, n, d) gives (classes, m)."""
+    phase = f @ t.T  # (..., n, m): ⟨t_k, f_j⟩
     return phase.cos().mean(-2), phase.sin().mean(-2)
 
 
 class _PairedCF(torch.autograd.Function):
-    """Both empirical CFs from one matmul and one cos/sin pass, the cos/sin reused by the backward.
+    """Both empirical CFs from one matmul and one cos/sin pass, the cos/sin reused by
+    the backward.
 
-    Autograd through two ``empirical_cf`` calls runs two matmuls and, in the backward, evaluates
-    sin and cos a second time (the derivative of cos is −sin); autograd through one stacked matmul
-    would also form a gradient for the real features, which nothing needs.  Here the backward is
-    two elementwise products per row group and one matmul per input that needs a gradient (``t``
-    for NCFM's sampler, the synthetic features); with fixed frequencies (CF) the real rows are
-    skipped altogether."""
+    Autograd through two ``empirical_cf`` calls runs two matmuls and, in the backward,
+    evaluates sin and cos a second time (the derivative of cos is −sin); autograd
+    through one stacked matmul would also form a gradient for the real features, which
+    nothing needs.  Here the backward is two elementwise products per row group and one
+    matmul per input that needs a gradient (``t`` for NCFM's sampler, the synthetic
+    features); with fixed frequencies (CF) the real rows are skipped altogether."""
 
     @staticmethod
     def forward(ctx, f_real, f_syn, t):
         n = f_real.shape[-2]
-        f = torch.cat([f_real, f_syn], -2)                    # (..., n + k, d)
-        phase = f @ t.T                                       # (..., n + k, m): ONE matmul
+        f = torch.cat([f_real, f_syn], -2)  # (..., n + k, d)
+        phase = f @ t.T  # (..., n + k, m): ONE matmul
         c = phase.cos()
-        s = phase.sin_()                                      # in place: the phases are not needed again
-        out = c[..., :n, :].mean(-2), s[..., :n, :].mean(-2), c[..., n:, :].mean(-2), s[..., n:, :].mean(-2)
+        # in place: the phases are not needed again
+        s = phase.sin_()
+        out = (
+            c[..., :n, :].mean(-2),
+            s[..., :n, :].mean(-2),
+            c[..., n:, :].mean(-2),
+            s[..., n:, :].mean(-2),
+        )
         need_real, _, need_t = ctx.needs_input_grad
-        # why: with fixed frequencies (CF) the backward never reads the real rows: do not keep them
+        # why: with fixed frequencies (CF) the backward never reads the real rows:
+        # do not keep them
         ctx.n, ctx.lo = n, 0 if (need_real or need_t) else n
-        keep = (lambda v: v) if ctx.lo == 0 else (lambda v: v[..., n:, :].clone())   # a view would pin it all
+        # a view would pin it all
+        keep = (lambda v: v) if ctx.lo == 0 else (lambda v: v[..., n:, :].clone())
         ctx.save_for_backward(keep(f), t, keep(c), keep(s))
         return out
 
     @staticmethod
     def backward(ctx, g_re_r, g_im_r, g_re_s, g_im_s):
-        f, t, c, s = ctx.saved_tensors                        # rows lo.. of the stacked features
+        # rows lo.. of the stacked features
+        f, t, c, s = ctx.saved_tensors
         n, lo = ctx.n, ctx.lo
         k = f.shape[-2] + lo - n
         need_real, need_syn, need_t = ctx.needs_input_grad
-        # d mean_j cos(p_j) / d p_j = −sin(p_j)/n and d mean_j sin(p_j) / d p_j = cos(p_j)/n
+        # d mean_j cos(p_j) / d p_j = −sin(p_j)/n
+        # d mean_j sin(p_j) / d p_j = cos(p_j)/n
         g_phase = torch.empty_like(c)
-        groups = [(0, n, g_re_r, g_im_r), (n, n + k, g_re_s, g_im_s)] if lo == 0 else [(n, n + k, g_re_s, g_im_s)]
+        groups = (
+            [(0, n, g_re_r, g_im_r), (n, n + k, g_re_s, g_im_s)]
+            if lo == 0
+            else [(n, n + k, g_re_s, g_im_s)]
+        )
         for a, b, g_re, g_im in groups:
             rows = slice(a - lo, b - lo)
-            out = g_phase[..., rows, :]                       # written in place: no concatenation
+            out = g_phase[..., rows, :]  # written in place: no concatenation
             torch.mul(c[..., rows, :], (g_im / (b - a)).unsqueeze(-2), out=out)
             out.addcmul_(s[..., rows, :], (g_re / (b - a)).unsqueeze(-2), value=-1)
         m, d = t.shape
@@ -90,27 +106,41 @@ def paired_cf(f_real: torch.Tensor, f_syn: torch.Tensor, t: torch.Tensor):
     return _PairedCF.apply(f_real, f_syn, t)
 
 
-def cf_terms(f_real: torch.Tensor, f_syn: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-frequency amplitude and phase terms, each (m,) (or (classes, m) for batched features);
-    their sum is ``|Φ_r(t) − Φ_s(t)|²``."""
+def cf_terms(
+    f_real: torch.Tensor, f_syn: torch.Tensor, t: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-frequency amplitude and phase terms, each (m,) (or (classes, m) for batched
+    features); their sum is ``|Φ_r(t) − Φ_s(t)|²``."""
     _check(f_real, f_syn, t)
-    re_r, im_r, re_s, im_s = paired_cf(f_real, f_syn, t)    # = empirical_cf of each, fused
+    # = empirical_cf of each, fused
+    re_r, im_r, re_s, im_s = paired_cf(f_real, f_syn, t)
     amp_r = (re_r ** 2 + im_r ** 2 + _TINY).sqrt()
     amp_s = (re_s ** 2 + im_s ** 2 + _TINY).sqrt()
     amplitude = (amp_r - amp_s) ** 2
-    # why: |Φ_r||Φ_s|cos(θ_r − θ_s) = Re(Φ_r conj Φ_s) — no atan2, so no undefined angle at Φ = 0
+    # why: |Φ_r||Φ_s|cos(θ_r − θ_s) = Re(Φ_r conj Φ_s) — no atan2, so no undefined
+    # angle at Φ = 0
     phase = 2 * (amp_r * amp_s - (re_r * re_s + im_r * im_s))
     return amplitude, phase.clamp_min(0)
 
 
-def cf_discrepancy(f_real: torch.Tensor, f_syn: torch.Tensor, t: torch.Tensor,
-                   alpha: float = 0.5, beta: float = 0.5) -> torch.Tensor:
-    """NCFM's discrepancy: mean over frequencies of ``sqrt(α·amplitude + β·phase)`` (a scalar).
+def cf_discrepancy(
+    f_real: torch.Tensor,
+    f_syn: torch.Tensor,
+    t: torch.Tensor,
+    alpha: float = 0.5,
+    beta: float = 0.5,
+) -> torch.Tensor:
+    """NCFM's discrepancy: mean over frequencies of ``sqrt(α·amplitude + β·phase)``
+    (a scalar).
 
-    ``f_real`` (n, d), ``f_syn`` (k, d), ``t`` (m, d).  Batched (classes, n, d) and (classes, k, d)
-    features give the sum over classes of the per-class discrepancies."""
+    ``f_real`` (n, d), ``f_syn`` (k, d), ``t`` (m, d).  Batched (classes, n, d) and
+    (classes, k, d) features give the sum over classes of the per-class
+    discrepancies."""
     if alpha < 0 or beta < 0:
-        raise ValueError(f"alpha and beta weight two squared terms and must be ≥ 0, got {alpha}, {beta}")
+        raise ValueError(
+            "alpha and beta weight two squared terms and must be ≥ 0, "
+            f"got {alpha}, {beta}"
+        )
     amplitude, phase = cf_terms(f_real, f_syn, t)
     per_freq = alpha * amplitude + beta * phase
     return _safe_sqrt(per_freq).mean(-1).sum()

@@ -85,7 +85,8 @@ _C = math.sqrt(2.0 / math.pi)
 
 
 def gelu_unfused(x: torch.Tensor) -> torch.Tensor:
-    """GELU (tanh form) written op by op: eight kernels, each reading and writing the whole tensor."""
+    """GELU (tanh form) written op by op: eight kernels, each reading and writing the
+    whole tensor."""
     inner = x + 0.044715 * x.pow(3)                 # pow, mul, add
     return 0.5 * x * (1.0 + torch.tanh(_C * inner))  # mul, tanh, add, mul, mul
 
@@ -154,16 +155,25 @@ _STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
 LABELS = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 
 
-def make_pipeline(n_images: int, raw_size: int, *, input_size: int = 32, batched: bool = True,
-                  model_width: int = 16, device=None, seed: int = 0) -> dict[str, Callable[[], Any]]:
+def make_pipeline(
+    n_images: int,
+    raw_size: int,
+    *,
+    input_size: int = 32,
+    batched: bool = True,
+    model_width: int = 16,
+    device=None,
+    seed: int = 0,
+) -> dict[str, Callable[[], Any]]:
     """The four stages of serving one request batch, each a zero-argument callable.
 
-    ``decode`` (PNG bytes → pixels), ``preprocess`` (resize, to tensor, normalize — per image, as
-    typical serving code does), ``model`` (a small CNN; ``batched=False`` calls it once per image,
-    paying Python and dispatch overhead per call; ``model_width`` sets its channels),
-    ``postprocess`` (top-1 label and score per image).
-    Each stage runs on the previous stage's output computed once here, so each can be timed alone;
-    ``end_to_end`` runs all four in order.
+    ``decode`` (PNG bytes → pixels), ``preprocess`` (resize, to tensor, normalize — per
+    image, as typical serving code does), ``model`` (a small CNN; ``batched=False``
+    calls it once per image, paying Python and dispatch overhead per call;
+    ``model_width`` sets its channels), ``postprocess`` (top-1 label and score per
+    image).
+    Each stage runs on the previous stage's output computed once here, so each can be
+    timed alone; ``end_to_end`` runs all four in order.
     """
     import numpy as np
     from PIL import Image
@@ -179,7 +189,13 @@ def make_pipeline(n_images: int, raw_size: int, *, input_size: int = 32, batched
         images = decoded if images is None else images
         out = []
         for img in images:  # per image, as a request handler does
-            arr = np.asarray(img.resize((input_size, input_size), Image.BILINEAR), dtype=np.float32) / 255.0
+            arr = (
+                np.asarray(
+                    img.resize((input_size, input_size), Image.BILINEAR),
+                    dtype=np.float32,
+                )
+                / 255.0
+            )
             t = torch.from_numpy(arr).permute(2, 0, 1)
             out.append((t - _MEAN) / _STD)
         return torch.stack(out).to(dev)
@@ -194,7 +210,10 @@ def make_pipeline(n_images: int, raw_size: int, *, input_size: int = 32, batched
     def postprocess(logits=None):
         logits = scores if logits is None else logits
         p = torch.softmax(logits.float(), dim=-1).cpu()
-        return [{"label": LABELS[int(i)], "score": round(float(s), 4)} for s, i in zip(*p.max(dim=-1))]
+        return [
+            {"label": LABELS[int(i)], "score": round(float(s), 4)}
+            for s, i in zip(*p.max(dim=-1))
+        ]
 
     decoded = decode()
     batch = preprocess(decoded)
@@ -203,8 +222,13 @@ def make_pipeline(n_images: int, raw_size: int, *, input_size: int = 32, batched
     def end_to_end():
         return postprocess(model(preprocess(decode())))
 
-    return {"decode": decode, "preprocess": preprocess, "model": model, "postprocess": postprocess,
-            "end_to_end": end_to_end}
+    return {
+        "decode": decode,
+        "preprocess": preprocess,
+        "model": model,
+        "postprocess": postprocess,
+        "end_to_end": end_to_end,
+    }
 
 
 def stage_times(stages: Mapping[str, Callable[[], Any]], *, warmup: int = 2, repeat: int = 5,

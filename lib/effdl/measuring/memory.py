@@ -52,11 +52,15 @@ def training_step(model: torch.nn.Module, x: torch.Tensor) -> Callable[[], None]
     return step
 
 
-def mlp_activation_bytes(batch: int, width: int, depth: int, bytes_per_element: int = 4) -> int:
-    """What autograd keeps for backward, by hand: each block's ReLU output (batch × width values).
+def mlp_activation_bytes(
+    batch: int, width: int, depth: int, bytes_per_element: int = 4
+) -> int:
+    """What autograd keeps for backward, by hand: each block's ReLU output
+    (batch × width values).
 
-    The ReLU saves its output to compute its gradient, and the next Linear saves its input to compute
-    its weight gradient: the same tensor, stored once.  The Linear's output is not kept.
+    The ReLU saves its output to compute its gradient, and the next Linear saves its
+    input to compute its weight gradient: the same tensor, stored once.  The Linear's
+    output is not kept.
     """
     return depth * batch * width * bytes_per_element
 

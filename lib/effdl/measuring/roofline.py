@@ -163,10 +163,11 @@ def attention_layer_flops(batch: int, seq: int, d_model: int) -> int:
 
 
 def naive_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """softmax(q kᵀ / √d) v, materializing the (…, N, N) score matrix, for (batch, heads, seq, head_dim).
+    """softmax(q kᵀ / √d) v, materializing the (…, N, N) score matrix, for
+    (batch, heads, seq, head_dim).
 
-    The course's one implementation, :func:`effdl.reference.naive_attention`, held to the 4-d shape
-    this chapter's FLOP and byte formulas assume.
+    The course's one implementation, :func:`effdl.reference.naive_attention`, held to
+    the 4-d shape this chapter's FLOP and byte formulas assume.
     """
     from effdl.reference import naive_attention as attention_naive
 
@@ -230,21 +231,30 @@ def peak_compute(device=None, *, n: int = 1024, dtype: torch.dtype = torch.float
     return peak_matmul(device, n=n, dtype=dtype, warmup=warmup, repeat=repeat)["flops"]
 
 
-def bandwidths(device=None, *, mib: int = 256, warmup: int = 2, repeat: int = 5) -> dict[str, float]:
-    """Bytes/s of two streaming kernels over a ``mib``-MiB buffer, each from its fastest repeat.
+def bandwidths(
+    device=None, *, mib: int = 256, warmup: int = 2, repeat: int = 5
+) -> dict[str, float]:
+    """Bytes/s of two streaming kernels over a ``mib``-MiB buffer, each from its fastest
+    repeat.
 
-    ``copy``: ``dst.copy_(src)``, counted as 2 bytes per byte copied (read + write, the STREAM
-    convention).  ``read``: ``src.sum()``, 1 byte per byte.  Writes usually cost an extra read of the
-    destination (write-allocate caches), so a copy alone understates what reading can reach.  The
-    buffer must be much larger than the last-level cache, or this measures the cache.
+    ``copy``: ``dst.copy_(src)``, counted as 2 bytes per byte copied (read + write, the
+    STREAM convention).  ``read``: ``src.sum()``, 1 byte per byte.  Writes usually cost
+    an extra read of the destination (write-allocate caches), so a copy alone
+    understates what reading can reach.  The buffer must be much larger than the
+    last-level cache, or this measures the cache.
     """
     _check_pos(mib=mib)
     dev = resolve_device(device)
     src = torch.ones(mib * 2**20 // 4, device=dev)
     dst = torch.empty_like(src)
-    copy = benchmark(lambda: dst.copy_(src), warmup=warmup, repeat=repeat, device=dev)
+    copy = benchmark(
+        lambda: dst.copy_(src), warmup=warmup, repeat=repeat, device=dev
+    )
     read = benchmark(lambda: src.sum(), warmup=warmup, repeat=repeat, device=dev)
-    return {"copy": 2 * src.nbytes / (copy.min_ms * 1e-3), "read": src.nbytes / (read.min_ms * 1e-3)}
+    return {
+        "copy": 2 * src.nbytes / (copy.min_ms * 1e-3),
+        "read": src.nbytes / (read.min_ms * 1e-3),
+    }
 
 
 def peak_bandwidth(device=None, *, mib: int = 256, warmup: int = 2, repeat: int = 5) -> float:

@@ -21,9 +21,13 @@ __all__ = ["naive_time", "call_times", "FakeAsyncDevice", "FakeEvent", "sync_tim
 
 
 def naive_time(fn: Callable[[], Any]) -> float:
-    """Milliseconds of ONE call, read from the host clock: no warm-up, no repeats, no sync."""
+    """Milliseconds of ONE call, read from the host clock: no warm-up, no repeats,
+    no sync."""
     if not callable(fn):
-        raise TypeError(f"naive_time expects a callable taking no arguments, got {type(fn).__name__}")
+        raise TypeError(
+            "naive_time expects a callable taking no arguments, "
+            f"got {type(fn).__name__}"
+        )
     t0 = time.perf_counter()
     fn()
     return (time.perf_counter() - t0) * 1e3
@@ -96,7 +100,8 @@ class FakeAsyncDevice:
         self._enqueue(seconds)
         self.launches += 1
         self.busy_seconds += seconds
-        while time.perf_counter() - t0 < self.launch_overhead_s:  # the host-side cost of a launch
+        # the host-side cost of a launch
+        while time.perf_counter() - t0 < self.launch_overhead_s:
             pass
 
     def kernel(self, seconds: float) -> Callable[[], None]:
@@ -115,23 +120,33 @@ class FakeAsyncDevice:
         return max(0.0, self._busy_until - time.perf_counter())
 
 
-def sync_timer(fn: Callable[[], Any], device, *, warmup: int = 3, repeat: int = 10) -> float:
-    """Median milliseconds of ``fn()`` on an asynchronous ``device`` (anything with ``synchronize()``).
+def sync_timer(
+    fn: Callable[[], Any], device, *, warmup: int = 3, repeat: int = 10
+) -> float:
+    """Median milliseconds of ``fn()`` on an asynchronous ``device`` (anything with
+    ``synchronize()``).
 
     Warm up; drain the queue so earlier work is not charged to us; then around each call
     synchronize before starting the clock and before stopping it.
     """
     if not callable(fn):
-        raise TypeError(f"sync_timer expects a callable taking no arguments, got {type(fn).__name__}")
+        raise TypeError(
+            "sync_timer expects a callable taking no arguments, "
+            f"got {type(fn).__name__}"
+        )
     if repeat < 1 or warmup < 0:
-        raise ValueError(f"need repeat >= 1 and warmup >= 0, got repeat={repeat}, warmup={warmup}")
+        raise ValueError(
+            "need repeat >= 1 and warmup >= 0, "
+            f"got repeat={repeat}, warmup={warmup}"
+        )
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(repeat):
-        device.synchronize()           # why: work queued earlier must not land in this timing
+        # why: work queued earlier must not land in this timing
+        device.synchronize()
         t0 = time.perf_counter()
         fn()
-        device.synchronize()           # why: wait for the work, not just its launch
+        device.synchronize()  # why: wait for the work, not just its launch
         times.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(times)

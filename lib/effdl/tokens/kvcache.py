@@ -126,25 +126,30 @@ def layer_bits(n_layers: int, early: int = 6, late: int = 5, early_frac: float =
 
 
 def quantize_tokens(x: torch.Tensor, bits: int):
-    """Per-token symmetric quantization of ``x`` ``(T, C)``: returns ``(q int, step (T,))``.
+    """Per-token symmetric quantization of ``x`` ``(T, C)``: returns
+    ``(q int, step (T,))``.
 
-    ``step = absmax / (2**(bits-1) - 1)`` is rounded to fp16 (that is what the blob stores) so the
-    decoder reconstructs ``q * step`` exactly as the encoder did; ``|x - q*step| <= step/2``.
+    ``step = absmax / (2**(bits-1) - 1)`` is rounded to fp16 (that is what the blob
+    stores) so the decoder reconstructs ``q * step`` exactly as the encoder did;
+    ``|x - q*step| <= step/2``.
     """
     if not 2 <= bits <= 16:
         raise ValueError(f"bits must be in [2, 16], got {bits}")
     qmax = 2 ** (bits - 1) - 1
     step = (x.abs().amax(-1) / qmax).clamp_min(1e-8)
-    step = step.half().float().clamp_min(2 ** -24)  # why: the stored value; fp16 has no smaller subnormal
+    # why: the stored value; fp16 has no smaller subnormal
+    step = step.half().float().clamp_min(2 ** -24)
     q = torch.round(x / step[:, None])
     return q.long(), step
 
 
 def delta_quantize(x: torch.Tensor, bits: int, group: int):
-    """Quantize ``x`` ``(T, C)`` with anchors every ``group`` tokens; deltas vs reconstructed anchors.
+    """Quantize ``x`` ``(T, C)`` with anchors every ``group`` tokens; deltas vs
+    reconstructed anchors.
 
-    Returns ``(q (T, C) int, step (T,), x_hat (T, C))``.  Row ``t`` with ``t % group == 0`` is an
-    anchor coded as is; every other row codes ``x[t] - x_hat[anchor]`` on its own per-token step.
+    Returns ``(q (T, C) int, step (T,), x_hat (T, C))``.  Row ``t`` with
+    ``t % group == 0`` is an anchor coded as is; every other row codes
+    ``x[t] - x_hat[anchor]`` on its own per-token step.
     """
     if group < 1:
         raise ValueError(f"group must be >= 1, got {group}")
@@ -157,7 +162,9 @@ def delta_quantize(x: torch.Tensor, bits: int, group: int):
     anchor_hat = q[is_anchor].float() * step[is_anchor, None]  # (n_groups, C)
     ref = torch.zeros_like(x)
     ref[~is_anchor] = anchor_hat[anchors[~is_anchor] // group]
-    q[~is_anchor] = torch.round((x[~is_anchor] - ref[~is_anchor]) / step[~is_anchor, None]).long()
+    q[~is_anchor] = torch.round(
+        (x[~is_anchor] - ref[~is_anchor]) / step[~is_anchor, None]
+    ).long()
     x_hat = ref + q.float() * step[:, None]
     return q, step, x_hat
 
@@ -183,17 +190,25 @@ def _laplace_scales(q: np.ndarray) -> np.ndarray:
 
 
 def compress(k: torch.Tensor, v: torch.Tensor, *, bits=None, group: int = 8) -> bytes:
-    """Compress a KV cache ``k, v`` of shape ``(layers, heads, tokens, head_dim)`` into bytes.
+    """Compress a KV cache ``k, v`` of shape ``(layers, heads, tokens, head_dim)`` into
+    bytes.
 
-    bits: an int for every layer, a list (one per layer), or ``None`` for :func:`layer_bits`.
+    bits: an int for every layer, a list (one per layer), or ``None`` for
+    :func:`layer_bits`.
     group: anchor interval (1 = no delta coding).
     """
     import constriction
 
-    if not (isinstance(k, torch.Tensor) and isinstance(v, torch.Tensor)) or k.ndim != 4 or k.shape != v.shape:
+    if (
+        not (isinstance(k, torch.Tensor) and isinstance(v, torch.Tensor))
+        or k.ndim != 4
+        or k.shape != v.shape
+    ):
         raise ValueError(
-            "k and v must be tensors of the same shape (layers, heads, tokens, head_dim); got "
-            f"{tuple(getattr(k, 'shape', ()))} and {tuple(getattr(v, 'shape', ()))}")
+            "k and v must be tensors of the same shape "
+            "(layers, heads, tokens, head_dim); got "
+            f"{tuple(getattr(k, 'shape', ()))} and {tuple(getattr(v, 'shape', ()))}"
+        )
     L, H, T, d = k.shape
     if T < 1:
         raise ValueError("the cache has no tokens")
@@ -201,9 +216,16 @@ def compress(k: torch.Tensor, v: torch.Tensor, *, bits=None, group: int = 8) -> 
         raise ValueError("the cache contains inf or NaN; compress finite values only")
     if bits is None:
         bits = layer_bits(L)
-    bits = [int(bits)] * L if isinstance(bits, (int, np.integer)) else [int(b) for b in bits]
+    bits = (
+        [int(bits)] * L
+        if isinstance(bits, (int, np.integer))
+        else [int(b) for b in bits]
+    )
     if len(bits) != L or not all(2 <= b <= 16 for b in bits):
-        raise ValueError(f"bits must be one int or {L} ints in [2, 16] (one per layer), got {bits}")
+        raise ValueError(
+            f"bits must be one int or {L} ints in [2, 16] (one per layer), "
+            f"got {bits}"
+        )
     if not 1 <= group <= 65535:
         raise ValueError(f"group must be in [1, 65535], got {group}")
     C = H * d
@@ -211,7 +233,8 @@ def compress(k: torch.Tensor, v: torch.Tensor, *, bits=None, group: int = 8) -> 
     steps, scales, symbols, lo_hi = [], [], [], []
     for layer in range(L):
         for t in (k, v):
-            x = t[layer].float().permute(1, 0, 2).reshape(T, C)  # (T, C): one row per token, all heads
+            # (T, C): one row per token, all heads
+            x = t[layer].float().permute(1, 0, 2).reshape(T, C)
             q, step, _ = delta_quantize(x, bits[layer], group)
             qn = q.numpy().astype(np.int32)
             steps.append(step.half().numpy())

@@ -80,7 +80,8 @@ def keep_all(x: torch.Tensor, ctx: TokenContext, keep: float = 1.0) -> Reduced:
 
 
 def random_drop(x: torch.Tensor, ctx: TokenContext, keep: float = 0.5) -> Reduced:
-    """Keep ``budget(n, keep)`` patch tokens chosen uniformly at random (``ctx.generator``)."""
+    """Keep ``budget(n, keep)`` patch tokens chosen uniformly at random
+    (``ctx.generator``)."""
     k = budget(ctx.n_patches, keep)
     if k == ctx.n_patches:
         return _identity(x, ctx)
@@ -92,31 +93,45 @@ def random_drop(x: torch.Tensor, ctx: TokenContext, keep: float = 0.5) -> Reduce
 
 
 def pool(x: torch.Tensor, ctx: TokenContext, keep: float = 0.5) -> Reduced:
-    """Average runs of neighbouring patch tokens (raster order) into ``budget(n, keep)`` tokens.
+    """Average runs of neighbouring patch tokens (raster order) into
+    ``budget(n, keep)`` tokens.
 
-    Runs are contiguous and non-overlapping (lengths differ by at most one); each output is the
-    size-weighted mean of its run and its size is the run's total size.
+    Runs are contiguous and non-overlapping (lengths differ by at most one); each output
+    is the size-weighted mean of its run and its size is the run's total size.
     """
     n, k = ctx.n_patches, budget(ctx.n_patches, keep)
     if k == n:
         return _identity(x, ctx)
     B, N, D = x.shape
     bounds = torch.round(torch.arange(k + 1) * (n / k)).long()
-    group = torch.bucketize(torch.arange(n), bounds[1:], right=True).to(x.device)  # (n,) run of each patch
+    # (n,) run of each patch
+    group = torch.bucketize(torch.arange(n), bounds[1:], right=True).to(x.device)
     member = F.one_hot(group, k).to(x.dtype).T  # (k, n)
     s = ctx.size[:, 1:]  # (B, n)
     size = (member @ s.T).T  # (B, k)
-    pooled = (member @ (s[..., None] * x[:, 1:])) / size[..., None].clamp_min(1e-12)  # (B, k, D)
-    where = torch.cat([torch.zeros(B, 1, dtype=torch.long, device=x.device), (group + 1).expand(B, -1)], 1)
-    return Reduced(torch.cat([x[:, :1], pooled], 1), torch.cat([ctx.size[:, :1], size], 1), where)
+    # (B, k, D)
+    pooled = (member @ (s[..., None] * x[:, 1:])) / size[..., None].clamp_min(1e-12)
+    where = torch.cat(
+        [
+            torch.zeros(B, 1, dtype=torch.long, device=x.device),
+            (group + 1).expand(B, -1),
+        ],
+        1,
+    )
+    return Reduced(
+        torch.cat([x[:, :1], pooled], 1),
+        torch.cat([ctx.size[:, :1], size], 1),
+        where,
+    )
 
 
 def topk_fuse(x: torch.Tensor, a: torch.Tensor, k: int):
-    """Keep the ``k`` patch tokens with the largest score ``a``; fuse the others into one.
+    """Keep the ``k`` patch tokens with the largest score ``a``; fuse the others into
+    one.
 
-    x: (B, n, D) patch tokens; a: (B, n) non-negative scores ([CLS] attention).  Returns
-    ``(kept (B, k, D) in their original order, fused (B, D) the a-weighted mean of the rest,
-    chosen (B, n) bool)``.
+    x: (B, n, D) patch tokens; a: (B, n) non-negative scores ([CLS] attention).
+    Returns ``(kept (B, k, D) in their original order, fused (B, D) the a-weighted mean
+    of the rest, chosen (B, n) bool)``.
     """
     B, n, D = x.shape
     chosen = torch.zeros(B, n, dtype=torch.bool, device=x.device)
@@ -150,10 +165,12 @@ def evit(x: torch.Tensor, ctx: TokenContext, keep: float = 0.5) -> Reduced:
 def bipartite_merge(x: torch.Tensor, size: torch.Tensor, metric: torch.Tensor, r: int):
     """One ToMe step on patch tokens: merge the ``r`` most similar (A, B) pairs.
 
-    Tokens alternate into sets A (even) and B (odd); each A token finds its most similar B token
-    (cosine of ``metric``); the ``r`` best edges merge A into B by a size-weighted average.
-    x: (B, n, D); size: (B, n); metric: (B, n, d). Returns ``(x', size', metric', where)`` with
-    ``n - r`` tokens ordered [unmerged A..., B...] and ``where`` (B, n) the new slot of each token.
+    Tokens alternate into sets A (even) and B (odd); each A token finds its most similar
+    B token (cosine of ``metric``); the ``r`` best edges merge A into B by a
+    size-weighted average.
+    x: (B, n, D); size: (B, n); metric: (B, n, d). Returns
+    ``(x', size', metric', where)`` with ``n - r`` tokens ordered
+    [unmerged A..., B...] and ``where`` (B, n) the new slot of each token.
     """
     Bsz, n, D = x.shape
     nA = (n + 1) // 2
@@ -167,12 +184,16 @@ def bipartite_merge(x: torch.Tensor, size: torch.Tensor, metric: torch.Tensor, r
     src, unm = edge_order[:, :r], edge_order[:, r:]  # A tokens that merge / stay
     dst = torch.gather(best_b, 1, src)  # (B, r) their B partners
 
-    def merge(values, weights):  # size-weighted sum into B, then the new size divides it out
+    # size-weighted sum into B, then the new size divides it out
+    def merge(values, weights):
         a, b = values[:, ::2], values[:, 1::2]
         wa, wb = weights[:, ::2], weights[:, 1::2]
         d = values.shape[-1]
-        b_sum = (wb[..., None] * b).scatter_add(1, dst[..., None].expand(-1, -1, d),
-                                                 torch.gather(wa[..., None] * a, 1, src[..., None].expand(-1, -1, d)))
+        b_sum = (wb[..., None] * b).scatter_add(
+            1,
+            dst[..., None].expand(-1, -1, d),
+            torch.gather(wa[..., None] * a, 1, src[..., None].expand(-1, -1, d)),
+        )
         return torch.gather(a, 1, unm[..., None].expand(-1, -1, d)), b_sum
 
     sa, sb = size[:, ::2], size[:, 1::2]
@@ -214,8 +235,9 @@ def tome(x: torch.Tensor, ctx: TokenContext, keep: float = 0.5) -> Reduced:
 def lat(x: torch.Tensor, ctx: TokenContext, keep: float = 0.5) -> Reduced:
     """Latency Adjustable Transformer: drop the tokens the others attend to least.
 
-    A token's *attention context contribution* is the attention all tokens pay it (column sum of the
-    attention matrix, mean over heads); keep the ``budget(n, keep)`` largest.
+    A token's *attention context contribution* is the attention all tokens pay it
+    (column sum of the attention matrix, mean over heads); keep the
+    ``budget(n, keep)`` largest.
     """
     n, k = ctx.n_patches, budget(ctx.n_patches, keep)
     if k == n:
@@ -234,9 +256,9 @@ def crop_density(keys: torch.Tensor, tokens_per_crop: int, sim_threshold: float 
                  redundant_frac: float = 0.15) -> torch.Tensor:
     """Information density of each crop from the cosine similarity of its patch keys.
 
-    A patch is *redundant* when its key's cosine similarity exceeds ``sim_threshold`` with more than
-    ``redundant_frac`` of the other patches of its crop (blank paper looks like all other blank
-    paper); density = 1 - fraction of redundant patches.
+    A patch is *redundant* when its key's cosine similarity exceeds ``sim_threshold``
+    with more than ``redundant_frac`` of the other patches of its crop (blank paper
+    looks like all other blank paper); density = 1 - fraction of redundant patches.
     keys: (B, n_patches, d) patch keys, crop after crop. Returns (B, n_crops) in [0, 1].
     """
     B, n, d = keys.shape
@@ -244,19 +266,27 @@ def crop_density(keys: torch.Tensor, tokens_per_crop: int, sim_threshold: float 
     if n % T:
         raise ValueError(f"{n} patches do not split into crops of {T}")
     k = keys.reshape(B, n // T, T, d)
-    k = k * torch.rsqrt((k * k).sum(-1, keepdim=True).clamp_min(1e-24))  # unit rows (cheaper than F.normalize on CPU)
+    # unit rows (cheaper than F.normalize on CPU)
+    k = k * torch.rsqrt((k * k).sum(-1, keepdim=True).clamp_min(1e-24))
     sim = k @ k.transpose(-2, -1)  # (B, C, T, T) cosine similarities
-    similar = (sim > sim_threshold).sum(-1) - 1  # others each patch is close to (minus itself)
+    # others each patch is close to (minus itself)
+    similar = (sim > sim_threshold).sum(-1) - 1
     redundant = similar > redundant_frac * (T - 1)
     return 1.0 - redundant.float().mean(-1)
 
 
-def tcc_budget(density: torch.Tensor, tokens_per_crop: int, keep: float, ref_density: float = 0.5,
-               min_per_crop: int = 1) -> torch.Tensor:
-    """Tokens each crop keeps: ``T * keep ** (ref_density / density)``, clamped to [min, T].
+def tcc_budget(
+    density: torch.Tensor,
+    tokens_per_crop: int,
+    keep: float,
+    ref_density: float = 0.5,
+    min_per_crop: int = 1,
+) -> torch.Tensor:
+    """Tokens each crop keeps: ``T * keep ** (ref_density / density)``, clamped to
+    [min, T].
 
-    A crop of density ``ref_density`` keeps the fraction ``keep``; denser crops keep more, sparser
-    fewer; ``keep = 1`` keeps everything whatever the density.
+    A crop of density ``ref_density`` keeps the fraction ``keep``; denser crops keep
+    more, sparser fewer; ``keep = 1`` keeps everything whatever the density.
     """
     keep = _check_keep(keep)
     frac = keep ** (ref_density / density.clamp_min(1e-3))
@@ -265,43 +295,70 @@ def tcc_budget(density: torch.Tensor, tokens_per_crop: int, keep: float, ref_den
 
 
 def iqr_outliers(values: torch.Tensor, k: float = 1.5) -> torch.Tensor:
-    """True where a value lies above ``Q3 + k * IQR`` of its row (Tukey's fence). values: (B, n)."""
-    q = torch.quantile(values.float(), torch.tensor([0.25, 0.75], device=values.device), dim=1)  # (2, B)
+    """True where a value lies above ``Q3 + k * IQR`` of its row (Tukey's fence).
+    values: (B, n)."""
+    q = torch.quantile(
+        values.float(), torch.tensor([0.25, 0.75], device=values.device), dim=1
+    )  # (2, B)
     fence = q[1] + k * (q[1] - q[0])
     return values > fence[:, None]
 
 
-def tcc(x: torch.Tensor, ctx: TokenContext, keep: float = 0.5, *, sim_threshold: float = 0.9,
-        redundant_frac: float = 0.15, ref_density: float = 0.7, min_per_crop: int = 1,
-        iqr_k: float = 1.5, temperature: float = 0.1, sample: bool = True) -> Reduced:
-    """Token-level Correlation-guided Compression (our implementation; the paper's code is unreleased).
+def tcc(
+    x: torch.Tensor,
+    ctx: TokenContext,
+    keep: float = 0.5,
+    *,
+    sim_threshold: float = 0.9,
+    redundant_frac: float = 0.15,
+    ref_density: float = 0.7,
+    min_per_crop: int = 1,
+    iqr_k: float = 1.5,
+    temperature: float = 0.1,
+    sample: bool = True,
+) -> Reduced:
+    """Token-level Correlation-guided Compression (our implementation; the paper's code
+    is unreleased).
 
-    1. density of each crop from the similarity of its first-block patch keys (:func:`crop_density`);
+    1. density of each crop from the similarity of its first-block patch keys
+       (:func:`crop_density`);
     2. a per-crop budget from that density (:func:`tcc_budget`);
-    3. local: within each crop draw that many patches without replacement, with probability ∝ the
-       [CLS] attention of the block before the reducer raised to ``1 / temperature`` (1 = the
-       paper's proportional sampling; smaller is sharper; ``sample=False`` takes the top ones);
-    4. global: add every patch whose [CLS] attention is an IQR outlier over the whole page;
+    3. local: within each crop draw that many patches without replacement, with
+       probability ∝ the [CLS] attention of the block before the reducer raised to
+       ``1 / temperature`` (1 = the paper's proportional sampling; smaller is sharper;
+       ``sample=False`` takes the top ones);
+    4. global: add every patch whose [CLS] attention is an IQR outlier over the whole
+       page;
     5. discard the rest (no fusion).  Pages keep different counts: the batch is padded.
     """
     keep = _check_keep(keep)
     if temperature <= 0:
-        raise ValueError(f"temperature must be > 0 (use sample=False for top-k), got {temperature}")
+        raise ValueError(
+            "temperature must be > 0 (use sample=False for top-k), "
+            f"got {temperature}"
+        )
     if keep == 1.0:
         return _identity(x, ctx)
     B, n, T = x.shape[0], ctx.n_patches, ctx.tokens_per_crop
     C = n // T
-    pk = ctx.first_keys[:, :, 1:].transpose(1, 2).reshape(B, n, -1)  # all heads' keys per patch
+    # all heads' keys per patch
+    pk = ctx.first_keys[:, :, 1:].transpose(1, 2).reshape(B, n, -1)
     density = crop_density(pk, T, sim_threshold, redundant_frac)  # (B, C)
     per_crop = tcc_budget(density, T, keep, ref_density, min_per_crop)  # (B, C)
     a = ctx.cls_attention()  # (B, n)
     scores = torch.log(a.clamp_min(1e-12)).reshape(B, C, T) / temperature
     if sample:  # Gumbel top-k == sampling without replacement with p ∝ attention
-        u = torch.rand(B, C, T, generator=ctx.generator).to(x.device).clamp(1e-9, 1 - 1e-9)
+        u = (
+            torch.rand(B, C, T, generator=ctx.generator)
+            .to(x.device)
+            .clamp(1e-9, 1 - 1e-9)
+        )
         scores = scores - torch.log(-torch.log(u))
-    scores = scores - 1e-6 * torch.arange(T, device=x.device) / T  # break exact ties (blank patches), keep counts exact
-    # the per_crop-th largest score of each crop is the bar to clear (one sort, not a full ranking)
-    bar = scores.sort(-1, descending=True).values.gather(-1, (per_crop - 1)[..., None])  # (B, C, 1)
+    # break exact ties (blank patches), keep counts exact
+    scores = scores - 1e-6 * torch.arange(T, device=x.device) / T
+    # the per_crop-th largest score of each crop is the bar to clear
+    # (one sort, not a full ranking): (B, C, 1)
+    bar = scores.sort(-1, descending=True).values.gather(-1, (per_crop - 1)[..., None])
     chosen = (scores >= bar).reshape(B, n)
     outliers = iqr_outliers(a, iqr_k)
     chosen = chosen | outliers

@@ -87,10 +87,12 @@ class Reduced:
 
 
 def block_flops(n_tokens: float, dim: int, mlp_ratio: float = 2.0) -> float:
-    """FLOPs of one :class:`Block` on one sequence of ``n_tokens`` (a multiply-add counts 2).
+    """FLOPs of one :class:`Block` on one sequence of ``n_tokens`` (a multiply-add
+    counts 2).
 
     Linear layers grow with N: qkv ``2·N·d·3d``, output projection ``2·N·d·d``, MLP
-    ``2·2·N·d·(r·d)``; attention grows with N²: scores ``Q Kᵀ`` and ``P V`` are ``2·N²·d`` each.
+    ``2·2·N·d·(r·d)``; attention grows with N²: scores ``Q Kᵀ`` and ``P V`` are
+    ``2·N²·d`` each.
     (Norms, softmax and GELU are a few FLOPs per element: left out, as usual.)
     """
     n, d, h = n_tokens, dim, int(dim * mlp_ratio)  # n may be a mean count (a float)
@@ -204,47 +206,79 @@ class TinyViT(nn.Module):
         return float(embed + scoring + before + after + 2 * self.dim * self.head.out_features)
 
     def patchify(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, 1, H, W) pages -> (B, n_patches, patch*patch) ink values, crop by crop."""
-        if not isinstance(images, torch.Tensor) or images.ndim != 4 or tuple(images.shape[1:]) != (1, *self.image_size):
+        """(B, 1, H, W) pages -> (B, n_patches, patch*patch) ink values, crop by
+        crop."""
+        if (
+            not isinstance(images, torch.Tensor)
+            or images.ndim != 4
+            or tuple(images.shape[1:]) != (1, *self.image_size)
+        ):
             raise ValueError(
-                f"expected pages of shape (B, 1, {self.image_size[0]}, {self.image_size[1]}), got "
-                f"{tuple(getattr(images, 'shape', ()))}; make them with make_documents(..., size={self.image_size})"
+                "expected pages of shape "
+                f"(B, 1, {self.image_size[0]}, {self.image_size[1]}), got "
+                f"{tuple(getattr(images, 'shape', ()))}; make them with "
+                f"make_documents(..., size={self.image_size})"
             )
         crops = crop_pages(images, self.crop)  # (B, n_crops, 1, c, c)
         B, C = crops.shape[:2]
         p, g = self.patch, self.crop // self.patch
-        x = crops.reshape(B, C, g, p, g, p).permute(0, 1, 2, 4, 3, 5)  # (B, C, gy, gx, p, p)
-        return 1.0 - x.reshape(B, C * g * g, p * p)  # why: ink = 1, paper = 0, so blank patches embed alike
+        # (B, C, gy, gx, p, p)
+        x = crops.reshape(B, C, g, p, g, p).permute(0, 1, 2, 4, 3, 5)
+        # why: ink = 1, paper = 0, so blank patches embed alike
+        return 1.0 - x.reshape(B, C * g * g, p * p)
 
-    def forward(self, images, reducer=None, *, buckets: int = 1, generator=None, return_info=False):
-        """Logits ``(B, n_classes)``; ``reducer(x, ctx) -> Reduced`` runs before block ``reduce_at``.
+    def forward(
+        self,
+        images,
+        reducer=None,
+        *,
+        buckets: int = 1,
+        generator=None,
+        return_info=False,
+    ):
+        """Logits ``(B, n_classes)``; ``reducer(x, ctx) -> Reduced`` runs before block
+        ``reduce_at``.
 
-        buckets: after a reducer that keeps different counts per page, sort pages by count and run
-            the remaining blocks in at most this many groups, each padded only to its own longest
-            page; the cut points minimise the padded FLOPs (``_bucket_bounds``).
-        return_info: also return ``{"n_kept": (B,) patch tokens kept, "assign": (B, n_patches)
-            output slot of each original patch or -1, "attn": [CLS] attention before the reducer}``.
+        buckets: after a reducer that keeps different counts per page, sort pages by
+            count and run the remaining blocks in at most this many groups, each padded
+            only to its own longest page; the cut points minimise the padded FLOPs
+            (``_bucket_bounds``).
+        return_info: also return ``{"n_kept": (B,) patch tokens kept,
+            "assign": (B, n_patches) output slot of each original patch or -1,
+            "attn": [CLS] attention before the reducer}``.
         """
         x = self.embed(self.patchify(images))
         B = x.shape[0]
-        x = torch.cat([self.cls.expand(B, -1, -1), x], dim=1) + self.pos  # (B, 1+Np, dim)
+        # (B, 1+Np, dim)
+        x = torch.cat([self.cls.expand(B, -1, -1), x], dim=1) + self.pos
         size = None
-        info = {"n_kept": torch.full((B,), self.n_patches), "assign": None, "attn": None}
+        info = {
+            "n_kept": torch.full((B,), self.n_patches),
+            "assign": None,
+            "attn": None,
+        }
         if reducer is None and not return_info:  # the naive path: no scoring at all
             for blk in self.blocks:
                 x, _, _ = blk(x)
             return self.head(self.norm(x[:, 0]))
         if self.reduce_at == 0:
-            q, k = self.blocks[0].qk(x)  # scoring only; block 0 runs below on the kept tokens
+            # scoring only; block 0 runs below on the kept tokens
+            q, k = self.blocks[0].qk(x)
             first_keys = k
         for i in range(self.reduce_at):
             x, _, (q, k) = self.blocks[i](x)
             if i == 0:
                 first_keys = k
-        ctx = TokenContext(queries=q, keys=k, first_keys=first_keys,
-                           size=torch.ones(B, x.shape[1], dtype=x.dtype, device=x.device),
-                           crop_id=self.crop_id, n_crops=self.n_crops,
-                           tokens_per_crop=self.tokens_per_crop, generator=generator)
+        ctx = TokenContext(
+            queries=q,
+            keys=k,
+            first_keys=first_keys,
+            size=torch.ones(B, x.shape[1], dtype=x.dtype, device=x.device),
+            crop_id=self.crop_id,
+            n_crops=self.n_crops,
+            tokens_per_crop=self.tokens_per_crop,
+            generator=generator,
+        )
         if return_info:
             info["attn"] = ctx.cls_attention()
         if reducer is not None:
