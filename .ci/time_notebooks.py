@@ -70,7 +70,7 @@ def main(argv=None) -> int:
         rows.append(row)
     out = ROOT / "book" / "results" / f"notebook-timings-{args.profile}.json"
     write_json(rows, out, profile=args.profile, command=" ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
-               machine=machine)
+               machine=machine, load_average_1min_at_end=os.getloadavg()[0])  # others sharing the cores
     print(out)
     return 0 if all(r["status"] == "ok" for r in rows) else 1
 

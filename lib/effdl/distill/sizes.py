@@ -43,8 +43,8 @@ SIZES = {
                  cpu_threads=1),
     # sized for a free Colab T4 by effdl.estimate (the papers run 10-100x longer)
     "gpu": Sizes(dataset="cifar10", ipcs=(1, 10), seeds=(0, 1, 2), iterations=(200, 200),
-                 dc_iterations=(30, 15), eval_epochs=(300, 300), full_epochs=5, width=128, pool_size=16,
-                 cache_real=False, real_per_class=64, n_freq=1024, sigma=1.0, lr=(0.05, 0.01), sampler_lr=0.01,
+                 dc_iterations=(30, 15), eval_epochs=(200, 200), full_epochs=5, width=128, pool_size=16,
+                 cache_real=False, real_per_class=32, n_freq=1024, sigma=1.0, lr=(0.05, 0.01), sampler_lr=0.01,
                  cost_repeat=10, demo_iterations=200, suite_ipcs=(1, 10, 50), suite_image=32,
                  cpu_threads=None),
 }
