@@ -4,6 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-lock
 STUDENT_DIR ?= dist/student
+OTTER_DIR ?= dist/otter
 PORT ?= 8000
 # The lock pins torch==2.13.0.  On this project's machines pip finds its CPU wheel on local disk; from
 # the default index elsewhere it is the (multi-GB) CUDA build.  For the CPU build on any machine:
@@ -11,7 +12,7 @@ PORT ?= 8000
 TORCH_INDEX ?=
 PIP := $(PY) -m pip install --disable-pip-version-check -q $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX))
 
-.PHONY: setup book test test-fast lint browser student serve notebooks bench clean
+.PHONY: setup book test test-fast lint browser student otter serve notebooks bench clean
 MATHJAX := _build/static/mathjax/tex-chtml.js
 
 $(STAMP): lib/requirements-lock.txt pyproject.toml
@@ -52,6 +53,12 @@ lint: setup  ## ruff (lint, import order) over lib/, tests/, .ci/; the publishin
 
 student: setup  ## student notebooks (solutions removed) into $(STUDENT_DIR)
 	$(PY) -m effdl.student notebooks --out $(STUDENT_DIR)
+
+otter: setup  ## Otter-Grader: per chapter a master notebook, then otter assign (student notebook, autograder zip)
+	$(PY) -m effdl.export otter $(OTTER_DIR)
+	for d in $(OTTER_DIR)/*/; do c=$$(basename $$d); \
+	  (cd $$d && $(abspath $(VENV))/bin/otter assign --no-pdfs $$c.ipynb dist) || exit 1; done
+	@echo "Otter: $(OTTER_DIR)/<chapter>/dist/{student,autograder}"
 
 serve:  ## serve the built site on http://localhost:$(PORT)
 	@test -f _build/html/index.html || { echo "no site yet: run 'make book' first"; exit 1; }

@@ -22,7 +22,7 @@ def _gen(seed=0):
     return torch.Generator().manual_seed(seed)
 
 
-@exercise_check
+@exercise_check(student="my_online_softmax")
 def check_online_softmax(online_softmax):
     """``online_softmax(x, block)``: softmax over the last dim, max and sum found in one blocked pass."""
     g = _gen(1)
@@ -34,7 +34,7 @@ def check_online_softmax(online_softmax):
                      rtol=1e-9, atol=1e-12)
 
 
-@exercise_check
+@exercise_check(student="my_merge")
 def check_merge_states(merge):
     """``merge(m1, l1, acc1, m2, l2, acc2) -> (m, l, acc)`` for two online-softmax states of the same rows."""
     from effdl.attention.softmax import SoftmaxState, merge_states
@@ -70,7 +70,7 @@ def check_merge_states(merge):
         require(bool((torch.as_tensor(a) == 0).all()), f"merging two empty states must leave {name} = 0")
 
 
-@exercise_check
+@exercise_check(student="my_tile_plan")
 def check_causal_tile_plan(plan_fn):
     """``plan_fn(nq, nk, block_q, block_k) -> {(i, j): "full" | "partial"}`` (bottom-right causal)."""
     from effdl.attention.tiled import causal_tile_plan
@@ -103,7 +103,7 @@ def check_causal_tile_plan(plan_fn):
                                  "('full' when even the tile's first query sees its last key)")
 
 
-@exercise_check
+@exercise_check(student="my_fa2_io")
 def check_fa2_io_count(io_fn):
     """``io_fn(N, d, Br, Bc) -> (reads, writes)`` of FlashAttention-2's loop order (non-causal)."""
     from effdl.attention.iosim import io_count
@@ -118,7 +118,7 @@ def check_fa2_io_count(io_fn):
                 "(O once, plus one logsumexp per row)")
 
 
-@exercise_check
+@exercise_check(student="my_tile_sizes")
 def check_tile_sizes(choose):
     """``choose(M, d) -> (Br, Bc)`` for FA2: fits in M and moves at most 10% more than the library's choice."""
     from effdl.attention.iosim import block_sizes, closed_form
@@ -142,7 +142,7 @@ def check_tile_sizes(choose):
                 "FA2 reads K and V once per query tile, so make Br as large as fits")
 
 
-@exercise_check
+@exercise_check(student="my_split_merge")
 def check_split_kv_merge(merge):
     """``merge(outs (S, ..., dv), lses (S, ...)) -> out (..., dv)``: combine per-split normalized outputs."""
     from effdl.attention.decode import split_kv_partials

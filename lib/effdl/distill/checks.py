@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import copy
-
 import torch
 
-from effdl.checks import assert_close, exercise_check, require
+from effdl.checks import assert_close, exercise_check, observe, require
 
 __all__ = ["check_empirical_cf", "check_amplitude_phase", "check_mean_embedding_mmd", "check_herding",
            "check_minmax_step"]
@@ -20,7 +18,7 @@ def _feats(n, d, seed, shift=0.0):
     return torch.randn(n, d, generator=g, dtype=torch.float64) + shift
 
 
-@exercise_check
+@exercise_check(student="empirical_cf")
 def check_empirical_cf(empirical_cf) -> None:
     """``empirical_cf(f, t) -> (real, imag)``, each (m,): the mean of exp(i⟨t, f_j⟩) over rows j."""
     from effdl.distill.cf import empirical_cf as ref
@@ -35,7 +33,7 @@ def check_empirical_cf(empirical_cf) -> None:
         assert_close(out[1], im, what=f"imaginary part, f {tuple(f.shape)}, t {tuple(t.shape)}", rtol=1e-6, atol=1e-8)
 
 
-@exercise_check
+@exercise_check(student="amplitude_phase")
 def check_amplitude_phase(amplitude_phase) -> None:
     """``amplitude_phase(f_real, f_syn, t) -> (amplitude, phase)``, each (m,); they sum to |Φ_r − Φ_s|²."""
     from effdl.distill.cf import cf_terms
@@ -51,7 +49,7 @@ def check_amplitude_phase(amplitude_phase) -> None:
                      rtol=1e-5, atol=1e-7)
 
 
-@exercise_check
+@exercise_check(student="mean_embedding_mmd")
 def check_mean_embedding_mmd(mean_embedding_mmd) -> None:
     """``mean_embedding_mmd(f_real, f_syn) -> scalar``: ‖mean f_real − mean f_syn‖²."""
     from effdl.distill.dm import mean_embedding_mmd as ref
@@ -66,7 +64,7 @@ def check_mean_embedding_mmd(mean_embedding_mmd) -> None:
                  what="MMD² of a set with itself", atol=1e-10)
 
 
-@exercise_check
+@exercise_check(student="herding_indices")
 def check_herding(herding_indices) -> None:
     """``herding_indices(features, k) -> (k,) long``: greedy picks whose running mean tracks the mean."""
     from effdl.distill.baselines import herding_indices as ref
@@ -82,30 +80,51 @@ def check_herding(herding_indices) -> None:
                 "mean of all rows; never pick a row twice)")
 
 
-@exercise_check
+def _minmax_trial(minmax_step, config: dict, state: dict, f_real, f_syn, seed: int) -> dict:
+    """Driver (runs where the student's code lives): a sampler built from ``config`` and ``state``,
+    its SGD optimizer, one call of ``minmax_step`` after ``torch.manual_seed(seed)``.  Returns the
+    answer and what the step did: the sampler's parameters and gradient norm, the features' gradient."""
+    import torch
+
+    from effdl.distill.ncfm import FrequencySampler, grad_norm
+
+    sampler = FrequencySampler(**config)
+    sampler.load_state_dict(state)
+    opt = torch.optim.SGD(sampler.parameters(), lr=0.05)
+    f_syn = f_syn.detach().clone().requires_grad_(True)
+    torch.manual_seed(seed)
+    out = minmax_step(sampler, opt, f_real, f_syn)
+    return {"out": out, "grad_norm": grad_norm(sampler), "syn_grad": f_syn.grad,
+            "params": {name: p.detach() for name, p in sampler.named_parameters()}}
+
+
+@exercise_check(student="minmax_step")
 def check_minmax_step(minmax_step) -> None:
     """``minmax_step(sampler, optimizer, f_real, f_syn) -> (before, after)``: one correct ascent step."""
-    from effdl.distill.ncfm import FrequencySampler, grad_norm, sampler_ascent_step
+    from effdl.distill.ncfm import FrequencySampler, sampler_ascent_step
 
     for i, (n, k, d, m) in enumerate(_SHAPES[:3]):
         fr = _feats(n, d, i).float()
-        fs = _feats(k, d, 50 + i, shift=0.5).float().requires_grad_(True)
+        fs = _feats(k, d, 50 + i, shift=0.5).float()
         torch.manual_seed(i)
-        sampler = FrequencySampler(d, m, sigma=1.0 / d ** 0.5)
-        ref_sampler = copy.deepcopy(sampler)
-        opt = torch.optim.SGD(sampler.parameters(), lr=0.05)
+        config = {"dim": d, "n_freq": m, "sigma": 1.0 / d ** 0.5}
+        ref_sampler = FrequencySampler(**config)
+        state = {name: t.detach().clone() for name, t in ref_sampler.state_dict().items()}
+        seen = observe(minmax_step, _minmax_trial, config, state, fr, fs, 1000 + i)
         ref_opt = torch.optim.SGD(ref_sampler.parameters(), lr=0.05)
         torch.manual_seed(1000 + i)
-        out = minmax_step(sampler, opt, fr, fs)
-        torch.manual_seed(1000 + i)
-        ref_before, ref_after = sampler_ascent_step(ref_sampler, ref_opt, fr, fs)
+        ref_before, ref_after = sampler_ascent_step(ref_sampler, ref_opt, fr, fs.requires_grad_(True))
+        out = seen["out"]
         require(isinstance(out, (tuple, list)) and len(out) == 2, "return (before, after) as two floats")
-        require(grad_norm(sampler) > 0, "the sampler's gradient is zero: did backward(loss) and "
+        require(seen["grad_norm"] > 0, "the sampler's gradient is zero: did backward(loss) and "
                 "backward(-loss) cancel? (the official code's bug)")
-        require(fs.grad is None or float(fs.grad.abs().sum()) == 0.0,
+        syn_grad = seen["syn_grad"]
+        require(syn_grad is None or float(torch.as_tensor(syn_grad).abs().sum()) == 0.0,
                 "the sampler step wrote a gradient into the synthetic features: detach them first")
-        for (name, p), q in zip(sampler.named_parameters(), ref_sampler.parameters()):
-            assert_close(p.detach(), q.detach(), what=f"sampler parameter {name} after your step "
+        params = seen["params"]
+        for name, q in ref_sampler.named_parameters():
+            require(name in params, f"the sampler lost its parameter {name}")
+            assert_close(params[name], q.detach(), what=f"sampler parameter {name} after your step "
                          "(ascent = minimize −discrepancy; use sampler(noise) with noise = sampler.draw_noise())",
                          rtol=1e-4, atol=1e-6)
         assert_close(float(out[0]), ref_before, what="'before' discrepancy", rtol=1e-4, atol=1e-6)

@@ -8,7 +8,7 @@ import time
 
 import torch
 
-from effdl.checks import assert_close, exercise_check, require
+from effdl.checks import assert_close, exercise_check, observe, require
 
 
 def _f64(x) -> torch.Tensor:
@@ -25,29 +25,36 @@ __all__ = [
 ]
 
 
-@exercise_check
-def check_async_timer(time_on_device) -> None:
-    """``time_on_device(fn, device) -> float``: median ms of ``fn()`` on an asynchronous device."""
+def _timer_trial(time_on_device, work_s: float, n_kernels: int) -> tuple:
+    """Driver (runs where the student's code lives): a fake device with 30 ms of earlier work queued,
+    a function launching ``work_s`` of work in ``n_kernels`` kernels (its first call also 'compiles':
+    40 ms once).  Returns (what the timer returned, how often it synchronized)."""
     from effdl.measuring.timing import FakeAsyncDevice
 
+    dev = FakeAsyncDevice()
+    calls = {"n": 0}
+
+    def fn():
+        calls["n"] += 1
+        if calls["n"] == 1:
+            dev.launch(0.040)  # the first call also 'compiles': extra device work, once
+        for _ in range(n_kernels):
+            dev.launch(work_s / n_kernels)
+
+    dev.launch(0.030)  # work someone queued before your timer started
+    return time_on_device(fn, dev), dev.synchronizations
+
+
+@exercise_check(student="time_on_device")
+def check_async_timer(time_on_device) -> None:
+    """``time_on_device(fn, device) -> float``: median ms of ``fn()`` on an asynchronous device."""
     rng = random.Random(0)
     for n_kernels in (1, 3):
-        dev = FakeAsyncDevice()
         work_s = rng.uniform(0.004, 0.008)
-        calls = {"n": 0}
-
-        def fn(dev=dev, work_s=work_s, n_kernels=n_kernels):
-            calls["n"] += 1
-            if calls["n"] == 1:
-                dev.launch(0.040)  # the first call also 'compiles': extra device work, once
-            for _ in range(n_kernels):
-                dev.launch(work_s / n_kernels)
-
-        dev.launch(0.030)  # work someone queued before your timer started
-        got = time_on_device(fn, dev)
+        got, synchronizations = observe(time_on_device, _timer_trial, work_s, n_kernels)
         require(isinstance(got, (int, float)), f"return a number of milliseconds, got {type(got).__name__}")
         true_ms = work_s * 1e3
-        require(dev.synchronizations > 0,
+        require(synchronizations > 0,
                 "your timer never called device.synchronize(): the host clock then only sees the launches")
         require(got >= 0.8 * true_ms,
                 f"measured {got:.3f} ms for a call whose device work takes {true_ms:.3f} ms: you timed the "
@@ -58,7 +65,7 @@ def check_async_timer(time_on_device) -> None:
                 "take the median)")
 
 
-@exercise_check
+@exercise_check(student="matmul_intensity")
 def check_matmul_intensity(student) -> None:
     """``matmul_intensity(m, n, k, bytes_per_element) -> float`` FLOP/byte of (m,k) @ (k,n)."""
     from effdl.measuring.roofline import arithmetic_intensity, matmul_bytes, matmul_flops
@@ -73,7 +80,7 @@ def check_matmul_intensity(student) -> None:
                      f"bytes_per_element={e})", rtol=1e-9, atol=0)
 
 
-@exercise_check
+@exercise_check(student="roofline_time")
 def check_roofline_time(student) -> None:
     """``roofline_time(flops, nbytes, peak_flops, peak_bandwidth) -> float`` lower bound in seconds."""
     from effdl.measuring.roofline import Roofline
@@ -90,7 +97,7 @@ def check_roofline_time(student) -> None:
                      f"(intensity {intensity:.3g} FLOP/byte, ridge {roof.ridge:.3g})", rtol=1e-9, atol=0)
 
 
-@exercise_check
+@exercise_check(student="attention_layer_flops")
 def check_attention_layer_flops(student) -> None:
     """``attention_layer_flops(batch, seq, d_model) -> int``: projections + attention matmuls."""
     from effdl.measure import count_flops
@@ -111,15 +118,10 @@ def check_attention_layer_flops(student) -> None:
         require(counted == reference(b, n, d_model), "internal: the reference disagrees with the counter")
 
 
-@exercise_check
-def check_find_bottleneck(student) -> None:
-    """``find_bottleneck(stages) -> (name, share)``: the stage with the largest steady-state time."""
-    rng = random.Random(4)
-
-    def sleeper(ms):
-        return lambda: time.sleep(ms / 1e3)
-
-    def slow_first(first_ms, then_ms):
+def _bottleneck_trial(find_bottleneck, plan: list) -> object:
+    """Driver (runs where the student's code lives): ``plan`` is [(name, first_ms, then_ms), ...];
+    each stage sleeps ``first_ms`` on its first call and ``then_ms`` after.  Returns the answer."""
+    def stage(first_ms, then_ms):
         state = {"calls": 0}
 
         def fn():
@@ -127,15 +129,20 @@ def check_find_bottleneck(student) -> None:
             time.sleep((first_ms if state["calls"] == 1 else then_ms) / 1e3)
         return fn
 
+    return find_bottleneck({name: stage(first, then) for name, first, then in plan})
+
+
+@exercise_check(student="find_bottleneck")
+def check_find_bottleneck(student) -> None:
+    """``find_bottleneck(stages) -> (name, share)``: the stage with the largest steady-state time."""
+    rng = random.Random(4)
     names = ["load", "decode", "resize", "model", "postprocess"]
     rng.shuffle(names)
     steady = {names[0]: 14.0, names[1]: 3.0, names[2]: 5.0, names[3]: 1.0, names[4]: 0.5}
-    stages = {names[0]: sleeper(14.0), names[1]: sleeper(3.0), names[2]: sleeper(5.0),
-              names[3]: slow_first(120.0, 1.0), names[4]: sleeper(0.5)}
-    order = list(stages)
+    first = {**steady, names[3]: 120.0}  # a slow first call (compilation, a cold cache) fools a one-shot timer
+    order = list(steady)
     rng.shuffle(order)
-    stages = {k: stages[k] for k in order}
-    got = student(stages)
+    got = observe(student, _bottleneck_trial, [(n, first[n], steady[n]) for n in order])
     require(isinstance(got, tuple) and len(got) == 2, f"return (name, share), got {got!r}")
     name, share = got
     want_share = steady[names[0]] / sum(steady.values())

@@ -12,7 +12,7 @@ from effdl.tokens.vit import block_flops
 __all__ = ["check_crop_density", "check_topk_fuse", "check_tome_step", "check_vit_flops", "check_delta_quantize"]
 
 
-@exercise_check
+@exercise_check(student="crop_density")
 def check_crop_density(crop_density):
     """``crop_density(keys, tokens_per_crop, sim_threshold, redundant_frac) -> (B, n_crops)``."""
     g = torch.Generator().manual_seed(0)
@@ -27,7 +27,7 @@ def check_crop_density(crop_density):
                      atol=1e-6)
 
 
-@exercise_check
+@exercise_check(student="topk_fuse")
 def check_topk_fuse(topk_fuse):
     """``topk_fuse(x, a, k) -> (kept (B, k, D) in original order, fused (B, D))``."""
     g = torch.Generator().manual_seed(1)
@@ -47,7 +47,7 @@ def _rows_sorted(x: torch.Tensor, size: torch.Tensor) -> torch.Tensor:
     return torch.gather(rows, 1, keys.argsort(1)[..., None].expand_as(rows))
 
 
-@exercise_check
+@exercise_check(student="tome_step")
 def check_tome_step(tome_step):
     """``tome_step(x, size, metric, r) -> (x', size')``: one bipartite soft-matching merge."""
     g = torch.Generator().manual_seed(2)
@@ -68,7 +68,7 @@ def check_tome_step(tome_step):
                      what=f"merged tokens and sizes (any order; n={n}, r={r})", atol=1e-5)
 
 
-@exercise_check
+@exercise_check(student="vit_flops")
 def check_vit_flops(vit_flops):
     """``vit_flops(n_tokens, dim, depth, mlp_ratio) -> FLOPs`` of ``depth`` blocks on one sequence."""
     for n, d, depth, r in [(1, 8, 1, 2.0), (145, 32, 6, 2.0), (97, 48, 3, 4.0), (1025, 64, 12, 4.0)]:
@@ -80,7 +80,7 @@ def check_vit_flops(vit_flops):
                 f"{expected:.6g} (count a multiply-add as 2; qkv, projection, the MLP's two layers, QKᵀ and PV)")
 
 
-@exercise_check
+@exercise_check(student="delta_quantize")
 def check_delta_quantize(delta_quantize):
     """``delta_quantize(x, bits, group) -> x_hat``: anchors every ``group`` tokens, deltas vs them."""
     g = torch.Generator().manual_seed(3)
