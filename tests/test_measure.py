@@ -282,3 +282,96 @@ def test_paired_ratio_finds_a_known_ratio():
     assert res["a_ms"] > res["b_ms"]
     with pytest.raises(ValueError):
         paired_ratio(lambda: None, lambda: None, repeat=0)
+
+
+# ----------------------------------------------------------------------------------------- cold caches
+class _SlowFlush:
+    """Stands in for the flush buffer: each flush costs 30 ms, far more than the timed call."""
+
+    def __init__(self):
+        self.flushes = 0
+
+    def zero_(self):
+        self.flushes += 1
+        time.sleep(0.03)
+
+    def numel(self):
+        return 16
+
+
+def test_benchmark_flushes_before_every_repeat_outside_the_timed_region(monkeypatch):
+    import effdl.measure as measure
+
+    buf = _SlowFlush()
+    monkeypatch.setattr(measure, "flush_buffer", lambda device=None: buf)
+    res = benchmark(lambda: None, warmup=2, repeat=5, flush=True)
+    assert buf.flushes == 5                       # once per timed call, never for warm-up
+    assert res.median_ms < 10, res                # a 30 ms flush inside the clock would show
+    assert res.meta["flush"] is True and "cold caches" in str(res)
+    warm = benchmark(lambda: None, warmup=0, repeat=2)
+    assert warm.meta["flush"] is False and "cold" not in str(warm)
+
+
+def test_interleaved_flushes_only_the_named_versions(monkeypatch):
+    import effdl.measure as measure
+
+    buf = _SlowFlush()
+    monkeypatch.setattr(measure, "flush_buffer", lambda device=None: buf)
+    res = interleaved({"warm": lambda: None, "cold": lambda: None}, rounds=4, warmup=1,
+                      flush={"cold"})
+    assert buf.flushes == 4
+    assert res["cold"].median_ms < 10 and res["cold"].meta["flush"]
+    assert not res["warm"].meta["flush"]
+    buf.flushes = 0
+    interleaved({"a": lambda: None, "b": lambda: None}, rounds=3, warmup=0, flush=True)
+    assert buf.flushes == 6
+
+
+def _fake_caches(root, caches):
+    for i, (level, kind, size) in enumerate(caches):
+        d = root / f"index{i}"
+        d.mkdir(parents=True)
+        (d / "level").write_text(f"{level}\n")
+        (d / "type").write_text(f"{kind}\n")
+        (d / "size").write_text(f"{size}\n")
+
+
+def test_flush_buffer_is_twice_the_last_level_cache(monkeypatch, tmp_path):
+    import effdl.measure as measure
+
+    _fake_caches(tmp_path, [(1, "Data", "32K"), (1, "Instruction", "32K"),
+                            (2, "Unified", "1M"), (3, "Unified", "32768K"),
+                            (4, "Instruction", "64M")])   # an instruction cache never counts
+    monkeypatch.setattr(measure, "CPU_CACHE_SYSFS", tmp_path)
+    assert measure.last_level_cache_bytes() == 32 * 2**20
+    buf = measure.flush_buffer()
+    assert buf.numel() * buf.element_size() == 64 * 2**20 and buf.device.type == "cpu"
+
+
+def test_last_level_cache_falls_back_when_the_machine_does_not_say(monkeypatch, tmp_path):
+    import effdl.measure as measure
+
+    monkeypatch.setattr(measure, "CPU_CACHE_SYSFS", tmp_path / "missing")
+    assert measure.last_level_cache_bytes() == measure.FALLBACK_LLC_BYTES == 64 * 2**20
+    _fake_caches(tmp_path / "broken", [(2, "Unified", "lots")])   # unreadable: skipped
+    monkeypatch.setattr(measure, "CPU_CACHE_SYSFS", tmp_path / "broken")
+    assert measure.last_level_cache_bytes() == measure.FALLBACK_LLC_BYTES
+
+
+@pytest.mark.parametrize("text, expected", [("32768K", 32 * 2**20), ("1M", 2**20),
+                                            ("512", 512), ("2G\n", 2 * 2**30)])
+def test_cache_sizes_are_parsed(text, expected):
+    from effdl.measure import _parse_cache_size
+
+    assert _parse_cache_size(text) == expected
+
+
+@pytest.mark.parametrize("call, error", [
+    (lambda: benchmark(lambda: None, flush="yes"), TypeError),
+    (lambda: interleaved({"a": lambda: None}, flush="a"), TypeError),
+    (lambda: interleaved({"a": lambda: None}, flush=3), TypeError),
+    (lambda: interleaved({"a": lambda: None}, flush={"b"}), ValueError),
+])
+def test_flush_rejects_bad_input(call, error):
+    with pytest.raises(error):
+        call()

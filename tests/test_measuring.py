@@ -362,3 +362,225 @@ def test_recorded_results_cell_without_a_recorded_file(monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "No recorded GPU run of the measuring benchmarks" in out
     assert max(len(line) for line in out.splitlines()) <= 88  # fits the page's code column
+
+
+# ------------------------------------------------------------------------------------------ profiling
+def _synthetic_trace(path, gz=False):
+    """A Chrome trace with known answers: one step of 100 µs; the CPU thread works from 0 to
+    30 µs (with a nested call) and from 50 to 100 µs, so it is idle 20 % of the step; a GPU
+    stream runs two 10 µs kernels, so it is idle 80 %."""
+    import gzip
+
+    t0 = 1_000_000.0   # traces carry absolute time stamps; events are read relative to the first
+
+    def x(name, cat, ts, dur, pid=7, tid=7):
+        return {"ph": "X", "name": name, "cat": cat, "ts": t0 + ts, "dur": dur, "pid": pid, "tid": tid}
+
+    events = [
+        {"ph": "M", "name": "thread_name", "pid": 7, "tid": 7, "args": {"name": "main"}},
+        x("ProfilerStep#1", "user_annotation", 0, 100),
+        x("forward", "user_annotation", 0, 30),
+        x("aten::linear", "cpu_op", 0, 30), x("aten::addmm", "cpu_op", 5, 5),
+        x("aten::mul", "cpu_op", 50, 50),
+        x("ampere_sgemm", "kernel", 10, 10, pid=0, tid=7), x("mul_kernel", "kernel", 60, 10, pid=0, tid=7),
+        {"ph": "X", "name": "PyTorch Profiler (0)", "cat": "Trace", "ts": t0, "dur": 500,
+         "pid": "Spans", "tid": "PyTorch Profiler"},            # not a thread: ignored
+        {"ph": "s", "name": "launch", "cat": "ac2g", "ts": t0 + 10, "pid": 7, "tid": 7, "id": 1},
+    ]
+    text = json.dumps({"traceEvents": events})
+    if gz:
+        path.write_bytes(gzip.compress(text.encode()))
+    else:
+        path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("gz", [False, True])
+def test_a_synthetic_trace_with_a_known_idle_gap(tmp_path, gz):
+    events = rl.trace_events(_synthetic_trace(tmp_path / ("t.json.gz" if gz else "t.json"), gz))
+    assert rl.lanes(events) == ["CPU main", "GPU 0 stream 7"]   # threads first, then streams
+    assert [e["ts"] for e in events][0] == 0.0
+    (step,) = rl.step_windows(events)
+    assert step == (0.0, 100.0)
+    assert rl.idle_fraction(events, "CPU main", step) == pytest.approx(0.2)
+    assert rl.idle_fraction(events, "GPU 0 stream 7", step) == pytest.approx(0.8)
+    assert rl.idle_fraction(events, "CPU main", (20.0, 60.0)) == pytest.approx(0.5)  # clipped
+    assert rl.op_durations(events, "CPU main", step) == [30.0, 50.0]          # outermost only
+    assert rl.step_phases(events, step) == pytest.approx({"forward": 0.03, "other": 0.07})
+    with pytest.raises(ValueError, match="empty window"):
+        rl.idle_fraction(events, "CPU main", (5.0, 5.0))
+    ax = rl.plot_timeline(events, step)
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["CPU main", "GPU 0 stream 7"]
+    import matplotlib.pyplot as plt
+
+    plt.close("all")
+
+
+def test_a_trace_without_events_is_a_clear_error(tmp_path):
+    (tmp_path / "empty.json").write_text(json.dumps([{"ph": "M", "name": "process_name"}]))
+    with pytest.raises(ValueError, match="no timed events"):
+        rl.trace_events(tmp_path / "empty.json")
+
+
+@pytest.mark.parametrize("name, short", [
+    ("aten::addmm", "addmm"), ("Optimizer.step#SGD.step", "SGD.step"),
+    ("enumerate(DataLoader)#_SingleProcessDataLoaderIter.__next__", "DataLoader"),
+    ("autograd::engine::evaluate_function: AddmmBackward0", "AddmmBackward0"), ("forward", "forward"),
+])
+def test_short_names(name, short):
+    assert rl.short_name(name) == short
+
+
+@pytest.fixture(scope="module")
+def profiled_step():
+    batch, steps = 8, 2
+    step = rl.make_training_step(32, 1, batch, samples=64, features=16)
+    return rl.profile_step(step, "cpu", steps=steps, warmup=1), batch, steps
+
+
+def test_profile_step_and_its_operator_table(profiled_step):
+    prof, batch, steps = profiled_step
+    rows = rl.op_table(prof, top=8)
+    assert 1 <= len(rows) <= 8
+    assert [r["self_ms"] for r in rows] == sorted((r["self_ms"] for r in rows), reverse=True)
+    names = {r["op"] for r in rows}
+    assert not any(n.startswith("ProfilerStep") or n in ("forward", "backward") or "#" in n
+                   for n in names)                          # annotations are not operators
+    assert all(r["calls"] > 0 and 0 < r["share"] <= 1 and r["total_ms"] >= r["self_ms"] * 0.99
+               for r in rows)
+    everything = rl.op_table(prof, top=10_000)
+    assert sum(r["share"] for r in everything) == pytest.approx(1.0)
+    # the loader fetches a TensorDataset sample by sample: one select per tensor per sample
+    assert sum(r["calls"] for r in everything if r["op"] == "aten::select") == 2 * batch
+    with pytest.raises(ValueError):
+        rl.profile_step(lambda: None, "cpu", steps=0)
+
+
+def test_a_real_exported_trace_reads_back(profiled_step, tmp_path):
+    import gzip
+
+    prof, batch, steps = profiled_step
+    gz = rl.export_trace(prof, tmp_path / "trace.json.gz")   # a profile exports once
+    assert [p.name for p in tmp_path.iterdir()] == ["trace.json.gz"]   # no stray plain copy
+    plain = tmp_path / "trace.json"
+    plain.write_bytes(gzip.decompress(gz.read_bytes()))
+    for path in (gz, plain):
+        events = rl.trace_events(path)
+        windows = rl.step_windows(events)
+        assert len(windows) == steps
+        (lane,) = rl.lanes(events)                             # one CPU thread, no GPU
+        assert lane.startswith("CPU")
+        for w in windows:
+            phases = rl.step_phases(events, w)
+            assert {"DataLoader", "forward", "backward", "SGD.step"} <= set(phases)
+            assert sum(phases.values()) == pytest.approx((w[1] - w[0]) / 1e3)
+            assert 0 <= rl.idle_fraction(events, lane, w) < 1
+            assert len(rl.op_durations(events, lane, w)) > 2 * batch
+    html = rl.download_link(gz).data
+    assert 'download="trace.json.gz"' in html and "base64," in html
+
+
+def test_training_step_learns_and_reuses_its_loader():
+    step = rl.make_training_step(32, 1, 16, samples=64, features=8)
+    losses = [step() for _ in range(12)]                        # three epochs of four batches
+    assert all(math.isfinite(v) for v in losses)
+    with pytest.raises(ValueError):
+        rl.make_training_step(0, 1, 4)
+
+
+# ------------------------------------------------------------------------------------------ caches
+def test_cache_effect_rows():
+    rows = rl.cache_effect([0.01], rounds=2, warmup=0)
+    (r,) = rows
+    assert r["fraction"] == 0.01 and r["bytes"] == 4 * (int(0.01 * r["llc_bytes"]) // 4)
+    assert len(r["warm_ms"]) == len(r["cold_ms"]) == 3 and r["ratio"] > 0
+    assert r["ratio_q1"] <= r["ratio"] <= r["ratio_q3"]
+    with pytest.raises(ValueError, match="> 0"):
+        rl.cache_effect([0.0])
+
+
+# ------------------------------------------------------------------------------------------ tuning
+def test_time_to_accuracy_stops_at_the_time_budget():
+    r = rl.time_to_accuracy(64, target=1.01, max_epochs=50, max_seconds=1e-6)
+    assert r["seconds_to_target"] is None and r["epochs"] == 1
+    with pytest.raises(ValueError):
+        rl.time_to_accuracy(64, lr=0.0)
+    with pytest.raises(ValueError):
+        rl.time_to_accuracy(64, max_seconds=0)
+
+
+def test_time_to_result_reports_the_seed_spread():
+    (row,) = rl.time_to_result([64], seeds=(0, 1, 2), target=0.5, max_epochs=3)
+    assert row["seconds_q1"] <= row["seconds_to_target"] <= row["seconds_q3"]
+    assert len(row["runs"]) == 3 and row["lr"] == 0.05
+    assert all(1 <= e <= 3 for e in row["runs"])                  # epochs to the accuracy
+    rows = rl.time_to_result([32, 64], seeds=(0,), lr={32: 0.05, 64: 0.1}, target=0.5,
+                             max_epochs=2)
+    assert [r["lr"] for r in rows] == [0.05, 0.1]
+
+
+def test_tuned_time_to_result_picks_the_rate_with_fewest_epochs(monkeypatch):
+    import effdl.measuring.cases as cases
+
+    seen, caps = [], []
+    need = {(16, 0.05): 3, (16, 0.5): None, (1024, 0.05): 50, (1024, 0.5): 12}  # epochs
+
+    def fake(batch, *, lr, seed, max_epochs=60, **kwargs):
+        seen.append((batch, lr, seed))
+        caps.append((batch, lr, max_epochs))
+        e = need[batch, lr]
+        ok = e is not None and e <= max_epochs
+        return dict(batch=batch, seconds_to_target=0.01 * e if ok else None,
+                    epochs=e if ok else max_epochs, steps=1, samples_per_s=1.0,
+                    accuracy=0.9, target=0.9, lr=lr)
+
+    monkeypatch.setattr(cases, "time_to_accuracy", fake)
+    known = cases.time_to_result([16, 1024], (7, 8), lr=0.05)     # the single-rate runs
+    assert known[1]["runs"] == [50, 50]
+    seen.clear()
+    caps.clear()
+    rows = cases.tuned_time_to_result([16, 1024], [0.05, 0.5], tune_seeds=(7, 8), seeds=(0, 1),
+                                      known=known, max_epochs=60)
+    assert [r["lr"] for r in rows] == [0.05, 0.5]
+    assert rows[0]["grid"] == {0.05: 3, 0.5: None} and rows[1]["grid"] == {0.05: 50, 0.5: 12}
+    assert not [x for x in seen if x[1] == 0.05 and x[2] in (7, 8)]   # reused, not rerun
+    # a tuning run stops at the best median so far; the fresh runs get the whole budget
+    assert [(b, c) for b, lr, c in caps[:-4]] == [(16, 3), (16, 3), (1024, 50), (1024, 50)]
+    fresh = [x for x in seen if x[2] in (0, 1)]
+    assert fresh == [(16, 0.05, 0), (1024, 0.5, 0), (16, 0.05, 1), (1024, 0.5, 1)]  # interleaved
+    assert [c for _, _, c in caps[-4:]] == [60] * 4                   # the fresh runs
+    assert cases.rank_by_time(rows) == "16 < 1024"   # 0.03 s vs 0.12 s
+    with pytest.raises(ValueError):
+        cases.tuned_time_to_result([16], [])
+    with pytest.raises(ValueError, match="overlap"):
+        cases.tuned_time_to_result([16], [0.05], tune_seeds=(0, 1), seeds=(1,))
+
+
+def test_tuned_time_to_result_really_trains():
+    (row,) = rl.tuned_time_to_result([64], [0.05, 0.2], tune_seeds=(0,), seeds=(1,),
+                                     target=0.5, max_epochs=3)
+    assert row["lr"] in (0.05, 0.2) and set(row["grid"]) == {0.05, 0.2}
+    assert row["seed_list"] == (1,) and row["seconds_to_target"] > 0
+
+
+def test_a_rate_that_fails_most_seeds_cannot_win():
+    from effdl.measuring.cases import _score, rank_by_time
+
+    assert _score({"runs": [0.01, None, None]}) == math.inf
+    assert _score({"runs": [0.2, 0.3, None]}) == 0.3
+    assert _score({"runs": [0.2, 0.4]}) == 0.4     # upper median: stopping runs is exact
+    rows = [dict(batch=16, seconds_to_target=None), dict(batch=128, seconds_to_target=0.2),
+            dict(batch=1024, seconds_to_target=0.1)]
+    assert rank_by_time(rows) == "1024 < 128 < 16 (not reached)"
+
+
+@settings(max_examples=60, deadline=None)
+@given(runs=st.lists(st.floats(0.01, 10), min_size=1, max_size=6), cap=st.floats(0.01, 10))
+def test_stopping_runs_at_the_best_median_never_changes_the_winner(runs, cap):
+    """A run stopped once it needs more than the best score so far (recorded as missing)
+    leaves the comparison with that score unchanged: tuned_time_to_result's pruning is
+    exact."""
+    from effdl.measuring.cases import _score
+
+    stopped = [t if t <= cap else None for t in runs]
+    assert (_score({"runs": runs}) < cap) == (_score({"runs": stopped}) < cap)

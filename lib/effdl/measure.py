@@ -2,6 +2,8 @@
 
 - :func:`benchmark` — warm-up, repeats, median and inter-quartile range.  On CUDA every repeat is
   timed with CUDA events after a synchronize, never with a bare host clock around asynchronous work.
+  ``flush=True`` times every repeat with cold caches (:func:`last_level_cache_bytes`,
+  :func:`flush_buffer`).
 - :func:`peak_memory` — the peak bytes allocated while ``fn`` runs, on the CPU (from the PyTorch
   profiler's allocation events) or on CUDA (from the caching allocator's statistics).
 - :func:`count_flops` — floating-point operations counted by ``torch.utils.flop_counter``.
@@ -24,15 +26,16 @@ import platform
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 
 __all__ = ["BenchResult", "benchmark", "peak_memory", "count_flops", "run_meta", "resolve_device",
            "torch_threads", "thread_check", "cpu_thread_policy", "interleaved", "paired_ratio",
-           "quartiles"]
+           "quartiles", "last_level_cache_bytes", "flush_buffer"]
 
 
 @contextlib.contextmanager
@@ -116,13 +119,85 @@ def cpu_thread_policy(device, threads: int | str | None = "auto"):
         info["threads_used"] = torch.get_num_threads()
         yield info
 
+#: where Linux describes the first CPU's caches (index0, index1, ...: level, type, size)
+CPU_CACHE_SYSFS = Path("/sys/devices/system/cpu/cpu0/cache")
+#: the last-level cache assumed when the machine does not say (a large server L3)
+FALLBACK_LLC_BYTES = 64 * 2**20
 
-def _one_call_ms(fn: Callable[[], Any], dev: torch.device) -> float:
-    """Milliseconds of one call: on CUDA between two events (never just the launch), as in
-    :func:`benchmark`; on the CPU from the host clock."""
+
+def _parse_cache_size(text: str) -> int:
+    """Bytes of a sysfs cache size such as ``32768K``, ``1M`` or ``512``."""
+    text = text.strip().upper()
+    scale = {"K": 2**10, "M": 2**20, "G": 2**30}.get(text[-1:], 1)
+    return int(text.rstrip("KMG")) * scale
+
+
+def _cpu_llc_bytes(root: Path) -> int | None:
+    """Bytes of the highest-level data (or unified) cache listed under ``root``."""
+    best: tuple[int, int] | None = None  # (level, bytes)
+    for index in sorted(root.glob("index*")):
+        try:
+            kind = (index / "type").read_text().strip()
+            level = int((index / "level").read_text())
+            size = _parse_cache_size((index / "size").read_text())
+        except (OSError, ValueError):
+            continue
+        if kind != "Instruction" and (best is None or level > best[0]):
+            best = (level, size)
+    return best[1] if best else None
+
+
+def last_level_cache_bytes(device: str | torch.device | None = None) -> int:
+    """Bytes of the last cache before main memory.
+
+    CUDA: the GPU's L2 (``torch.cuda.get_device_properties(...).L2_cache_size``).
+    CPU: the highest-level data cache Linux lists in :data:`CPU_CACHE_SYSFS`.  When the
+    machine does not say, :data:`FALLBACK_LLC_BYTES`.
+    """
+    dev = resolve_device(device)
     if dev.type == "cuda":
-        torch.cuda.synchronize(dev)  # why: queued earlier work must not land in this call
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        size = getattr(torch.cuda.get_device_properties(dev), "L2_cache_size", 0)
+    else:
+        size = _cpu_llc_bytes(CPU_CACHE_SYSFS)
+    return int(size) if size else FALLBACK_LLC_BYTES
+
+
+def flush_buffer(device: str | torch.device | None = None) -> torch.Tensor:
+    """A buffer twice the last-level cache: writing all of it evicts what was cached.
+
+    ``buf.zero_()`` between timed calls is how ``triton.testing.do_bench`` clears the
+    GPU's L2 (it zeroes a fixed 256 MiB); the size here comes from the machine.
+    """
+    dev = resolve_device(device)
+    n = 2 * last_level_cache_bytes(dev) // 4
+    return torch.empty(n, dtype=torch.int32, device=dev)
+
+
+def _flush_names(flush: bool | Collection[str], names: Collection[str]) -> set[str]:
+    """Which versions :func:`interleaved` times with cold caches."""
+    if isinstance(flush, bool):
+        return set(names) if flush else set()
+    if isinstance(flush, str) or not isinstance(flush, Collection):
+        raise TypeError(f"flush must be a bool or a collection of names, got {flush!r}")
+    unknown = set(flush) - set(names)
+    if unknown:
+        raise ValueError(f"flush names {sorted(unknown)} are not among {sorted(names)}")
+    return set(flush)
+
+
+def _one_call_ms(
+    fn: Callable[[], Any], dev: torch.device, flush: torch.Tensor | None = None
+) -> float:
+    """Milliseconds of one call: on CUDA between two events (never just the launch), as
+    in :func:`benchmark`; on the CPU from the host clock.  ``flush``: a buffer written
+    just before the clock starts: the call finds cold caches, the writing goes untimed.
+    """
+    if flush is not None:
+        flush.zero_()
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)  # why: earlier work must not land in this call
+        start = torch.cuda.Event(enable_timing=True)
+        end = torch.cuda.Event(enable_timing=True)
         start.record()
         fn()
         end.record()
@@ -139,6 +214,7 @@ def interleaved(
     rounds: int = 5,
     warmup: int = 1,
     device: str | torch.device | None = None,
+    flush: bool | Collection[str] = False,
 ) -> dict[str, BenchResult]:
     """Time several versions in rounds: each round calls every version once, the order
     rotating.
@@ -147,7 +223,9 @@ def interleaved(
     all of A and then all of B lets a drift masquerade as a difference; round by round
     every version sees the same machine.  Returns one :class:`BenchResult` per name;
     ``times_ms[r]`` is round ``r``, so per-round ratios (see :func:`paired_ratio`) pair
-    measurements taken moments apart.
+    measurements taken moments apart.  ``flush``: ``True`` clears the caches before
+    every timed call (as :func:`benchmark` does), or a collection of the names to time
+    cold.
     """
     if not fns or not all(callable(f) for f in fns.values()):
         raise TypeError(
@@ -159,6 +237,8 @@ def interleaved(
             f"got rounds={rounds}, warmup={warmup}"
         )
     dev = resolve_device(device)
+    cold = _flush_names(flush, fns)
+    buf = flush_buffer(dev) if cold else None
     for fn in fns.values():
         for _ in range(warmup):
             fn()
@@ -168,8 +248,10 @@ def interleaved(
         # why: rotate, so no version always runs right after another
         shift = r % len(names)
         for name in names[shift:] + names[:shift]:
-            times[name].append(_one_call_ms(fns[name], dev))
-    return {n: BenchResult(times_ms=t, device=str(dev), warmup=warmup, label=str(n))
+            f = buf if name in cold else None
+            times[name].append(_one_call_ms(fns[name], dev, f))
+    return {n: BenchResult(times_ms=t, device=str(dev), warmup=warmup, label=str(n),
+                           meta={"flush": n in cold})
             for n, t in times.items()}
 
 
@@ -243,9 +325,10 @@ class BenchResult:
 
     def __str__(self) -> str:  # e.g. "12.31 ms ± 0.40 (IQR, 20 runs, cpu)"
         name = f"{self.label}: " if self.label else ""
+        cold = ", cold caches" if self.meta.get("flush") else ""
         return (
             f"{name}{self.median_ms:.3f} ms ± {self.iqr_ms:.3f} "
-            f"(median ± IQR of {len(self.times_ms)} runs, {self.device})"
+            f"(median ± IQR of {len(self.times_ms)} runs, {self.device}{cold})"
         )
 
 
@@ -256,12 +339,16 @@ def benchmark(
     repeat: int = 10,
     device: str | torch.device | None = None,
     label: str = "",
+    flush: bool = False,
 ) -> BenchResult:
     """Time ``fn()``: ``warmup`` untimed calls, then ``repeat`` timed calls.
 
     ``device='cuda'`` times each call with a pair of CUDA events (work is asynchronous:
     a host clock would only measure the launch).  On the CPU a monotonic high-resolution
-    clock is used.
+    clock is used.  ``flush=True``: before every timed call, write a buffer twice the
+    size of the last-level cache (:func:`flush_buffer`), outside the timed region, so
+    each call reads its inputs from main memory (cold caches) instead of from the cache
+    the previous call filled (warm).
     """
     if not callable(fn):
         raise TypeError(
@@ -273,7 +360,10 @@ def benchmark(
             "need repeat >= 1 and warmup >= 0, "
             f"got repeat={repeat}, warmup={warmup}"
         )
+    if not isinstance(flush, bool):
+        raise TypeError(f"flush must be True or False, got {flush!r}")
     dev = resolve_device(device)
+    buf = flush_buffer(dev) if flush else None
     # why: first calls pay for lazy init, allocator growth, compilation
     for _ in range(warmup):
         fn()
@@ -282,6 +372,8 @@ def benchmark(
         # why: do not charge queued warm-up work to the first repeat
         torch.cuda.synchronize(dev)
         for _ in range(repeat):
+            if buf is not None:
+                buf.zero_()  # why: queued before the start event, so never timed
             start = torch.cuda.Event(enable_timing=True)
             end = torch.cuda.Event(enable_timing=True)
             start.record()
@@ -291,10 +383,14 @@ def benchmark(
             times.append(start.elapsed_time(end))
     else:
         for _ in range(repeat):
+            if buf is not None:
+                buf.zero_()  # why: evict fn's inputs; done before the clock starts
             t0 = time.perf_counter()
             fn()
             times.append((time.perf_counter() - t0) * 1e3)
-    return BenchResult(times_ms=times, device=str(dev), warmup=warmup, label=label)
+    meta = {"flush": flush, "flush_bytes": buf.numel() * 4 if buf is not None else 0}
+    return BenchResult(times_ms=times, device=str(dev), warmup=warmup, label=label,
+                       meta=meta)
 
 
 @contextlib.contextmanager

@@ -16,9 +16,11 @@ from effdl.measuring.cases import (
     gelu_unfused,
     make_pipeline,
     make_requests,
+    rank_by_time,
     stage_times,
     time_to_accuracy,
     time_to_result,
+    tuned_time_to_result,
 )
 from effdl.measuring.memory import (
     attention_memory_sweep,
@@ -29,6 +31,21 @@ from effdl.measuring.memory import (
     parameter_bytes,
     training_memory_sweep,
     training_step,
+)
+from effdl.measuring.profiling import (
+    download_link,
+    export_trace,
+    idle_fraction,
+    lanes,
+    make_training_step,
+    op_durations,
+    op_table,
+    plot_timeline,
+    profile_step,
+    short_name,
+    step_phases,
+    step_windows,
+    trace_events,
 )
 from effdl.measuring.roofline import (
     Kernel,
@@ -58,6 +75,7 @@ from effdl.measuring.roofline import (
 from effdl.measuring.timing import (
     FakeAsyncDevice,
     FakeEvent,
+    cache_effect,
     call_times,
     naive_time,
     sync_timer,
@@ -72,11 +90,16 @@ __all__ = [
     "measure_roofline", "kernel_suite", "place_kernels", "plot_roofline",
     # timing
     "naive_time", "call_times", "quartiles", "FakeAsyncDevice", "FakeEvent", "sync_timer", "paired_ratio",
-    "thread_check",
+    "thread_check", "cache_effect",
+    # profiling
+    "make_training_step", "profile_step", "op_table", "export_trace", "trace_events", "step_windows",
+    "idle_fraction", "step_phases", "op_durations", "plot_timeline", "short_name", "download_link",
+    "lanes",
     # memory
     "parameter_bytes", "make_mlp", "training_step", "mlp_activation_bytes",
     "training_memory_sweep", "attention_scores_bytes", "attention_memory_sweep", "max_seq_len_for_memory",
     # cases
     "conv_flops", "conv_variants", "conv_case", "gelu_unfused", "gelu_fused", "fusion_case",
     "make_requests", "make_pipeline", "stage_times", "time_to_accuracy", "time_to_result",
+    "tuned_time_to_result", "rank_by_time",
 ]

@@ -8,7 +8,7 @@ import time
 
 import torch
 
-from effdl.checks import assert_close, exercise_check, observe, require
+from effdl.checks import assert_close, exercise_check, observe, require, same, when_solved  # noqa: F401
 
 
 def _f64(x) -> torch.Tensor:
@@ -24,25 +24,111 @@ __all__ = [
     "check_find_bottleneck",
 ]
 
+#: the library functions that answer each check: refused as answers, and held back in the student
+#: version of the notebook until after the check (see effdl.student)
+REVEALS = {
+    "check_async_timer": ["effdl.measuring.timing.sync_timer"],
+    "check_matmul_intensity": ["effdl.measuring.roofline.matmul_flops", "effdl.measuring.roofline.matmul_bytes"],
+    "check_roofline_time": ["effdl.measuring.roofline.Roofline.predict_seconds"],
+    "check_attention_layer_flops": ["effdl.measuring.roofline.attention_layer_flops"],
+    "check_find_bottleneck": [],
+}
+
+#: the host clocks a timer may read (in the time module, or imported from it by name)
+_CLOCKS = ("perf_counter", "perf_counter_ns", "monotonic", "monotonic_ns", "time", "time_ns")
+_MAX_EVENTS = 5000
+
 
 def _timer_trial(time_on_device, work_s: float, n_kernels: int) -> tuple:
     """Driver (runs where the student's code lives): a fake device with 30 ms of earlier work queued,
     a function launching ``work_s`` of work in ``n_kernels`` kernels (its first call also 'compiles':
-    40 ms once).  Returns (what the timer returned, how often it synchronized)."""
+    40 ms once).  Returns (what the timer returned, how often it synchronized, what happened in order:
+    ``["clock" | "record" | "sync" | "call", device work still queued in ms]``).  A clock reading is
+    seen when the timer calls ``time.perf_counter`` and the like (or ``timeit.default_timer``)."""
+    import sys
+    import time as time_module
+    import timeit
+
     from effdl.measuring.timing import FakeAsyncDevice
 
     dev = FakeAsyncDevice()
+    events: list = []
     calls = {"n": 0}
 
+    def seen(kind: str) -> None:
+        if len(events) < _MAX_EVENTS:
+            events.append([kind, 1e3 * dev.pending_seconds()])
+
     def fn():
+        seen("call")
         calls["n"] += 1
         if calls["n"] == 1:
             dev.launch(0.040)  # the first call also 'compiles': extra device work, once
         for _ in range(n_kernels):
             dev.launch(work_s / n_kernels)
 
+    device_sync, device_event = dev.synchronize, dev.Event
+
+    def synchronize():
+        seen("sync")
+        device_sync()
+
+    def event(*args, **kwargs):
+        e = device_event(*args, **kwargs)
+        record = e.record
+
+        def recorded():
+            seen("record")
+            record()
+        e.record = recorded
+        return e
+
+    dev.synchronize, dev.Event = synchronize, event
+
+    def watched(clock):
+        def read(*args):
+            # the fake device reads the clock too, to play the device: that is not the timer's reading
+            if sys._getframe(1).f_globals.get("__name__") != "effdl.measuring.timing":
+                seen("clock")
+            return clock(*args)
+        return read
+
+    originals = {name: getattr(time_module, name) for name in _CLOCKS}
+    spy = {name: watched(clock) for name, clock in originals.items()}
+    names = getattr(time_on_device, "__globals__", {})
+    own = {k: v for k, v in names.items() if any(v is c for c in originals.values())}
+    default_timer = timeit.default_timer
     dev.launch(0.030)  # work someone queued before your timer started
-    return time_on_device(fn, dev), dev.synchronizations
+    try:
+        for name, clock in spy.items():
+            setattr(time_module, name, clock)
+        timeit.default_timer = spy["perf_counter"]
+        for k, v in own.items():
+            names[k] = next(spy[n] for n, c in originals.items() if c is v)
+        got = time_on_device(fn, dev)
+    finally:
+        for name, clock in originals.items():
+            setattr(time_module, name, clock)
+        timeit.default_timer = default_timer
+        names.update(own)
+    return got, dev.synchronizations, events
+
+
+def _timed_windows(events: list) -> list[tuple[int, int]]:
+    """(open, close) positions of the timed windows: between two consecutive readings of the clock
+    (or two recorded events) with at least one call in between and, for the clock, a synchronize
+    after the last call (a window read without it is the launch-only mistake, judged elsewhere)."""
+    marks = [i for i, (kind, _) in enumerate(events) if kind in ("clock", "record")]
+    windows = []
+    for a, b in zip(marks, marks[1:]):
+        inside = [events[i][0] for i in range(a + 1, b)]
+        if "call" not in inside:
+            continue
+        last_call = max(i for i in range(a + 1, b) if events[i][0] == "call")
+        synced = any(events[i][0] == "sync" for i in range(last_call + 1, b))
+        if events[a][0] == "record" or synced:
+            windows.append((a, b))
+    return windows
 
 
 @exercise_check(student="time_on_device")
@@ -51,18 +137,36 @@ def check_async_timer(time_on_device) -> None:
     rng = random.Random(0)
     for n_kernels in (1, 3):
         work_s = rng.uniform(0.004, 0.008)
-        got, synchronizations = observe(time_on_device, _timer_trial, work_s, n_kernels)
-        require(isinstance(got, (int, float)), f"return a number of milliseconds, got {type(got).__name__}")
+        got, synchronizations, events = observe(time_on_device, _timer_trial, work_s, n_kernels)
+        require(isinstance(got, (int, float)) and not isinstance(got, bool),
+                f"return a number of milliseconds, got {type(got).__name__}")
         true_ms = work_s * 1e3
         require(synchronizations > 0,
                 "your timer never called device.synchronize(): the host clock then only sees the launches")
+        unit = (" (that looks like seconds: the exercise asks for milliseconds)"
+                if 0.8 * true_ms <= got * 1e3 <= 1.3 * true_ms + 2.0 else "")
         require(got >= 0.8 * true_ms,
                 f"measured {got:.3f} ms for a call whose device work takes {true_ms:.3f} ms: you timed the "
-                "launch, not the work (synchronize before reading the clock)")
+                "launch, not the work (synchronize before reading the clock)" + unit)
+        windows = _timed_windows(events)
+        first_call = next((i for i, (kind, _) in enumerate(events) if kind == "call"), None)
+        if windows and first_call is not None:
+            require(not any(a < first_call < b for a, b in windows),
+                    "your timer timed the first call of fn, which pays one-off costs (compilation, caches): "
+                    "warm up with a few untimed calls first (here the first call queues 40 ms of extra work; "
+                    "a median hides it only when most calls are warm, and a mean does not hide it at all)")
+            late = [events[a][1] for a, _ in windows if events[a][0] == "clock" and events[a][1] > 0.5]
+            require(not late,
+                    f"your timer started the clock with {late[0]:.1f} ms of earlier work still queued on the "
+                    "device (from before your timer, or from your warm-up): synchronize before starting "
+                    "the clock, or that work is charged to the call you time")
+        per_call = len([e for e in events if e[0] == "call"])
+        total = (f" (that is about the time of all {per_call} calls together: divide by the number of calls)"
+                 if per_call > 1 and 0.8 * true_ms <= got / per_call <= 1.3 * true_ms + 2.0 else "")
         require(got <= 1.3 * true_ms + 2.0,
                 f"measured {got:.3f} ms for a call whose device work takes {true_ms:.3f} ms: earlier work or "
                 "the first call's one-off cost leaked in (warm up, synchronize before starting the clock, "
-                "take the median)")
+                "take the median)" + total)
 
 
 @exercise_check(student="matmul_intensity")

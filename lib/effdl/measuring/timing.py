@@ -5,6 +5,7 @@
 - :class:`FakeAsyncDevice` — a stand-in for a GPU stream on any machine: a launch returns at once,
   the work finishes later.  It shows why a host clock without synchronization times the launch.
 - :func:`sync_timer` — a correct timer for any asynchronous device with a ``synchronize()``.
+- :func:`cache_effect` — the same read timed with warm and with cold caches, interleaved.
 
 Comparing two versions by a ratio measured in one interleaved run is the course's shared harness:
 :func:`effdl.measure.paired_ratio` (and :func:`effdl.measure.thread_check` for the CPU's threads).
@@ -17,7 +18,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["naive_time", "call_times", "FakeAsyncDevice", "FakeEvent", "sync_timer"]
+__all__ = ["naive_time", "call_times", "FakeAsyncDevice", "FakeEvent", "sync_timer",
+           "cache_effect"]
 
 
 def naive_time(fn: Callable[[], Any]) -> float:
@@ -150,3 +152,36 @@ def sync_timer(
         device.synchronize()  # why: wait for the work, not just its launch
         times.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(times)
+
+
+def cache_effect(
+    fractions, *, rounds: int = 11, warmup: int = 2, device=None
+) -> list[dict]:
+    """Sum a buffer of each ``fraction`` of the last-level cache, warm and cold.
+
+    Both versions run interleaved, round by round (:func:`effdl.measure.interleaved`);
+    the cold one writes a buffer of twice the cache first (``flush``, untimed).  Per
+    size: the quartiles of each one's milliseconds, and the median and quartiles of the
+    per-round ratio cold / warm.
+    """
+    import torch
+
+    from effdl.measure import interleaved, last_level_cache_bytes, quartiles, resolve_device
+
+    dev = resolve_device(device)
+    llc = last_level_cache_bytes(dev)
+    rows = []
+    for frac in fractions:
+        if frac <= 0:
+            raise ValueError(f"buffer fractions of the cache must be > 0, got {frac}")
+        x = torch.randn(max(1, int(frac * llc) // 4), device=dev)  # float32: 4 bytes
+        res = interleaved({"warm": x.sum, "cold": x.sum}, rounds=rounds, warmup=warmup,
+                          device=dev, flush={"cold"})
+        warm, cold = res["warm"].times_ms, res["cold"].times_ms
+        q1, ratio, q3 = quartiles([c / w for c, w in zip(cold, warm)])
+        rows.append(dict(
+            fraction=frac, bytes=4 * x.numel(), llc_bytes=llc,
+            warm_ms=quartiles(warm), cold_ms=quartiles(cold),
+            ratio=ratio, ratio_q1=q1, ratio_q3=q3,
+        ))
+    return rows
