@@ -58,6 +58,19 @@ def simulated_gpu() -> str | None:
     return name
 
 
+def _cpu_name() -> str:
+    """The CPU's model name (Linux: /proc/cpuinfo), else what ``platform`` knows."""
+    import platform
+
+    try:
+        for line in open("/proc/cpuinfo", encoding="utf-8"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def live_device(caps: Capabilities | None = None) -> torch.device:
     """Where every chapter's live cells put their tensors: CUDA when present, else the CPU."""
     caps = caps or capabilities()
@@ -90,10 +103,8 @@ def capabilities() -> Capabilities:
             triton_gpu=sm80 and _triton_importable(), triton_interpreter=interp,
             sdpa_flash=sm80, threads=torch.get_num_threads(),
         )
-    import platform
-
     return Capabilities(
-        device="cpu", name=platform.processor() or platform.machine(), compute_capability=None,
+        device="cpu", name=_cpu_name(), compute_capability=None,
         memory_gib=None, bf16=False, triton_gpu=False, triton_interpreter=interp,
         sdpa_flash=False, threads=torch.get_num_threads(),
     )
@@ -116,9 +127,10 @@ def report(chapter: str | None = None) -> Capabilities:
     cuda = f", CUDA {torch.version.cuda}" if c.device == "cuda" and not c.simulated else ""
     print(f"effdl {__version__}, Python {platform.python_version()}, torch {torch.__version__}{cuda}")
     shaped = " (gpu-shaped: the gpu profile's settings at smoke sizes)" if c.simulated else ""
-    print(f"{c.threads} CPU threads, profile: {current()}{shaped if current() == 'smoke' else ''}")
+    print(f"{c.threads} CPU threads, size profile: {current()}{shaped if current() == 'smoke' else ''}")
     if c.device == "cpu":
-        print("no GPU: GPU results are shown from recorded runs; live results are measured on this CPU.")
+        print("no GPU: live results are measured on this CPU; GPU results, where a chapter has\n"
+              "  them, come from recorded runs")
     else:
         no = "no (needs sm_80+)"
         print(f"bf16: {'yes' if c.bf16 else no}; SDPA flash backend: {'yes' if c.sdpa_flash else no}")

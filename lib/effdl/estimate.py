@@ -130,5 +130,6 @@ def chapter_minutes(chapter: str, profile: str = "gpu", machine: Machine = T4, c
 def describe(chapter: str, machine: Machine = T4) -> str:
     """One line for the top of a chapter: its estimated time on a Colab T4."""
     m = chapter_minutes(chapter, "gpu", machine)
-    return (f"On a free Colab {machine.name.split(' (')[0]}, the gpu profile of this chapter should take "
-            f"about {max(1, round(m))} min (estimated from its FLOPs and bytes; effdl.estimate).")
+    gpu = machine.name.split(" (")[0]
+    return (f"on a free Colab {gpu}, this chapter's gpu sizes take about {max(1, round(m))} min\n"
+            "  (estimated from their FLOPs and bytes: effdl.estimate)")
