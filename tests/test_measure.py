@@ -58,7 +58,7 @@ def test_bench_result_statistics():
     assert BenchResult(times_ms=[5.0], device="cpu", warmup=0).iqr_ms == 0.0
     d = r.as_dict()
     assert d["median_ms"] == 3.0 and "times_ms" in d
-    assert "ms ±" in str(r)
+    assert "median 3 ms (IQR 2–4, 5 runs, cpu)" in str(r)
 
 
 @pytest.mark.parametrize("kwargs", [dict(repeat=0), dict(warmup=-1)])
@@ -375,3 +375,13 @@ def test_cache_sizes_are_parsed(text, expected):
 def test_flush_rejects_bad_input(call, error):
     with pytest.raises(error):
         call()
+
+
+def test_thread_check_reports_an_interval_and_decides_only_outside_the_noise():
+    from effdl.measure import _one_thread_wins
+
+    tc = thread_check(n=32, rounds=6, resamples=200)
+    assert tc["ratio_lo"] <= tc["ratio"] <= tc["ratio_hi"] and tc["rounds"] == 6
+    assert tc["one_thread_wins"] == (tc["threads"] > 1 and tc["ratio_lo"] > 1.0)
+    assert _one_thread_wins({"ratio": 3.0}) and not _one_thread_wins({"ratio": 0.5})
+    assert not _one_thread_wins({"ratio": 3.0, "one_thread_wins": False})

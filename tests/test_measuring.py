@@ -543,6 +543,9 @@ def test_tuned_time_to_result_picks_the_rate_with_fewest_epochs(monkeypatch):
                                       known=known, max_epochs=60)
     assert [r["lr"] for r in rows] == [0.05, 0.5]
     assert rows[0]["grid"] == {0.05: 3, 0.5: None} and rows[1]["grid"] == {0.05: 50, 0.5: 12}
+    # the stopped rate ran 3 epochs (the best median so far); the reused ones the budget
+    assert rows[0]["stopped_at"] == {0.05: 60, 0.5: 3}
+    assert rows[0]["on_edge"] and rows[1]["on_edge"]          # a two-rate grid is all edge
     assert not [x for x in seen if x[1] == 0.05 and x[2] in (7, 8)]   # reused, not rerun
     # a tuning run stops at the best median so far; the fresh runs get the whole budget
     assert [(b, c) for b, lr, c in caps[:-4]] == [(16, 3), (16, 3), (1024, 50), (1024, 50)]
@@ -584,3 +587,70 @@ def test_stopping_runs_at_the_best_median_never_changes_the_winner(runs, cap):
 
     stopped = [t if t <= cap else None for t in runs]
     assert (_score({"runs": runs}) < cap) == (_score({"runs": stopped}) < cap)
+
+
+# ------------------------------------------------------------------------ kernels, fairly timed
+def test_softmax_by_ops_matches_softmax_and_allocates_nothing_large():
+    from effdl.measuring.roofline import softmax_by_ops, softmax_by_ops_bytes, softmax_bytes
+
+    s = torch.randn(37, 129)
+    out = torch.empty_like(s)
+    assert softmax_by_ops(s, out=out) is out
+    torch.testing.assert_close(out, torch.softmax(s, -1))
+    assert softmax_by_ops_bytes(37, 129) == 4 * softmax_bytes(37, 129)
+
+
+def test_gelus_write_into_a_given_output():
+    x = torch.randn(1001)
+    o1, o2 = torch.empty_like(x), torch.empty_like(x)
+    assert rl.gelu_unfused(x, out=o1) is o1 and rl.gelu_fused(x, out=o2) is o2
+    torch.testing.assert_close(o1, o2, atol=1e-5, rtol=1e-5)
+
+
+def test_conv_and_fusion_cases_report_paired_ratios_with_spread():
+    conv = rl.conv_case(SMOKE, warmup=1, repeat=3)
+    assert conv[0]["time_vs_dense"] == conv[0]["time_vs_dense_q1"] == 1.0
+    assert all(r["time_vs_dense_q1"] <= r["time_vs_dense"] <= r["time_vs_dense_q3"]
+               for r in conv)
+    u, f = rl.fusion_case(SMOKE, warmup=1, repeat=3)
+    assert u["ratio_q1"] <= u["ratio"] <= u["ratio_q3"] and f["tanh_ms"] > 0
+    assert f["vs_tanh_q1"] <= f["vs_tanh"] <= f["vs_tanh_q3"]
+
+
+def test_bandwidth_roof_includes_the_add_and_records_threads_and_peak_side():
+    bw = rl.bandwidths(mib=4, warmup=1, repeat=2, add=True)
+    assert set(bw) == {"copy", "read", "add"} and min(bw.values()) > 1e6
+    roof = rl.measure_roofline(matmul_n=64, copy_mib=4, warmup=1, repeat=2)
+    assert roof.peak_side in (16, 32, 64) and roof.threads == torch.get_num_threads()
+    assert f"{roof.threads} thread" in str(roof)
+
+
+def test_tiny_kernels_far_below_their_roof_are_labelled_overhead_bound():
+    from effdl.measuring.roofline import Kernel
+
+    roof = rl.Roofline(1e15, 1e15)        # a roof no tiny CPU call comes near
+    a = torch.randn(4, 4)
+    (row,) = rl.place_kernels([Kernel("mm 4", "matmul", lambda: a @ a, 128, 192)], roof,
+                              warmup=1, repeat=3)
+    assert row["limit"] == "overhead" and row["bound"] == roof.bound(row["intensity"])
+
+
+def test_rank_by_time_marks_overlapping_ranges_as_ties():
+    from effdl.measuring.cases import rank_by_time
+
+    rows = [dict(batch=16, seconds_to_target=0.10, seconds_min=0.09, seconds_max=0.15),
+            dict(batch=128, seconds_to_target=0.12, seconds_min=0.11, seconds_max=0.13),
+            dict(batch=1024, seconds_to_target=0.30, seconds_min=0.20, seconds_max=0.40),
+            dict(batch=4096, seconds_to_target=None)]
+    assert rank_by_time(rows) == "16 ≈ 128 < 1024 < 4096 (not reached)"
+
+
+def test_op_table_of_the_fastest_step(profiled_step):
+    prof, batch, steps = profiled_step
+    rows = rl.op_table(prof, top=10_000, step="fastest")
+    assert sum(r["share"] for r in rows) == pytest.approx(1.0)
+    assert sum(r["calls"] for r in rows if r["op"] == "aten::select") == 2 * batch
+    mean = {(r["op"], r["shapes"]): r for r in rl.op_table(prof, top=10_000)}
+    assert {(r["op"], r["shapes"]) for r in rows} <= set(mean)
+    with pytest.raises(ValueError, match="fastest"):
+        rl.op_table(prof, step="median")

@@ -66,16 +66,21 @@ def quartiles(values) -> tuple[float, float, float]:
     return q[0], q[1], q[2]
 
 
-def thread_check(n: int = 256, rounds: int = 30) -> dict:
+def thread_check(n: int = 256, rounds: int = 30, *, resamples: int = 1000) -> dict:
     """Is this CPU oversubscribed?  Time single calls of an n×n matmul with all of torch's threads
     and with one, interleaved, and compare their MEAN times (ratio = all threads / one thread).
 
     On an idle multi-core machine more threads are faster (ratio < 1).  When other jobs keep the
     cores busy, a parallel kernel now and then waits at a barrier for a descheduled thread — a stall
     of a whole scheduler time slice — and the ratio goes above 1.  The mean, not the median or the
-    minimum, is the criterion because occasional stalls are exactly the cost in question.  The thread
-    count is restored before returning.
+    minimum, is the criterion because occasional stalls are exactly the cost in question.
+
+    The spread: ``ratio_lo``/``ratio_hi`` bound the middle 90% of the ratio over ``resamples``
+    bootstrap resamples of the rounds.  ``one_thread_wins`` only when the whole interval is
+    above 1: a difference inside the noise changes nothing.  The thread count is restored.
     """
+    import random
+
     if n < 1 or rounds < 1:
         raise ValueError(f"need n >= 1 and rounds >= 1, got n={n}, rounds={rounds}")
     threads = torch.get_num_threads()
@@ -92,8 +97,22 @@ def thread_check(n: int = 256, rounds: int = 30) -> dict:
                 if i >= 2:  # the first two rounds are warm-up
                     (many if k == threads and threads > 1 else one).append(t)
     many = many or one
+    pairs = list(zip(many, one))
+    rng = random.Random(0)
+    boot = sorted(
+        statistics.fmean(p[0] for p in sample) / statistics.fmean(p[1] for p in sample)
+        for sample in ([rng.choice(pairs) for _ in pairs] for _ in range(resamples))
+    )
+    lo, hi = boot[int(0.05 * (resamples - 1))], boot[int(0.95 * (resamples - 1))]
+    ratio = statistics.fmean(many) / statistics.fmean(one)
     return dict(threads=threads, all_threads_ms=statistics.fmean(many),
-                one_thread_ms=statistics.fmean(one), ratio=statistics.fmean(many) / statistics.fmean(one))
+                one_thread_ms=statistics.fmean(one), ratio=ratio, ratio_lo=lo, ratio_hi=hi,
+                rounds=rounds, one_thread_wins=threads > 1 and lo > 1.0)
+
+
+def _one_thread_wins(info: dict) -> bool:
+    """The decision :func:`cpu_thread_policy` and the measuring chapter take from a check."""
+    return bool(info.get("one_thread_wins", info["ratio"] > 1.0))
 
 
 @contextlib.contextmanager
@@ -101,8 +120,8 @@ def cpu_thread_policy(device, threads: int | str | None = "auto"):
     """The thread count a CPU measurement runs with, always restored afterwards.
 
     ``threads``: ``None`` leaves torch's setting; an int sets it; ``"auto"`` runs
-    :func:`thread_check` and uses one thread when all threads are slower (an oversubscribed
-    machine).  On a GPU nothing changes.  Yields a dict saying what was decided (for a result row).
+    :func:`thread_check` and uses one thread when all threads are slower beyond the noise (an
+    oversubscribed machine).  On a GPU nothing changes.  Yields a dict saying what was decided (for a result row).
     """
     dev = torch.device(device) if device is not None else torch.device("cpu")
     bad_int = not isinstance(threads, int) or isinstance(threads, bool) or threads < 1
@@ -112,7 +131,7 @@ def cpu_thread_policy(device, threads: int | str | None = "auto"):
         info: dict[str, Any] = {}
         if dev.type == "cpu" and threads == "auto":
             info = thread_check()
-            if info["ratio"] > 1.0:
+            if _one_thread_wins(info):
                 torch.set_num_threads(1)
         elif dev.type == "cpu" and threads is not None:
             torch.set_num_threads(threads)
@@ -227,21 +246,29 @@ def interleaved(
     every timed call (as :func:`benchmark` does), or a collection of the names to time
     cold.
     """
-    if not fns or not all(callable(f) for f in fns.values()):
+    if not isinstance(fns, dict) or not fns:
         raise TypeError(
             "interleaved expects a non-empty dict of name -> zero-argument callable"
         )
-    if rounds < 1 or warmup < 0:
-        raise ValueError(
-            "need rounds >= 1 and warmup >= 0, "
-            f"got rounds={rounds}, warmup={warmup}"
-        )
+    _check_timing_args("interleaved", list(fns.values()), repeat=rounds, warmup=warmup,
+                       repeat_name="rounds")
     dev = resolve_device(device)
     cold = _flush_names(flush, fns)
     buf = flush_buffer(dev) if cold else None
     for fn in fns.values():
         for _ in range(warmup):
             fn()
+    times = _timed_rounds(fns, rounds, dev, cold, buf)
+    return {n: BenchResult(times_ms=t, device=str(dev), warmup=warmup, label=str(n),
+                           meta={"flush": n in cold})
+            for n, t in times.items()}
+
+
+def _timed_rounds(fns: dict[str, Callable[[], Any]], rounds: int, dev: torch.device,
+                  cold: Collection[str] = (), buf: torch.Tensor | None = None
+                  ) -> dict[str, list[float]]:
+    """Milliseconds of every version in every round: each round calls each version once,
+    starting one version further along than the round before."""
     names = list(fns)
     times: dict[str, list[float]] = {n: [] for n in names}
     for r in range(rounds):
@@ -250,9 +277,7 @@ def interleaved(
         for name in names[shift:] + names[:shift]:
             f = buf if name in cold else None
             times[name].append(_one_call_ms(fns[name], dev, f))
-    return {n: BenchResult(times_ms=t, device=str(dev), warmup=warmup, label=str(n),
-                           meta={"flush": n in cold})
-            for n, t in times.items()}
+    return times
 
 
 def paired_ratio(
@@ -323,12 +348,18 @@ class BenchResult:
         d.update(median_ms=self.median_ms, iqr_ms=self.iqr_ms)
         return d
 
-    def __str__(self) -> str:  # e.g. "12.31 ms ± 0.40 (IQR, 20 runs, cpu)"
+    @property
+    def quartiles_ms(self) -> tuple[float, float, float]:
+        """(25th percentile, median, 75th percentile) of the times."""
+        return quartiles(self.times_ms)
+
+    def __str__(self) -> str:  # e.g. "mm: median 12.31 ms (IQR 12.10–12.50, 20 runs, cpu)"
         name = f"{self.label}: " if self.label else ""
         cold = ", cold caches" if self.meta.get("flush") else ""
+        q1, med, q3 = self.quartiles_ms
         return (
-            f"{name}{self.median_ms:.3f} ms ± {self.iqr_ms:.3f} "
-            f"(median ± IQR of {len(self.times_ms)} runs, {self.device}{cold})"
+            f"{name}median {med:.3g} ms (IQR {q1:.3g}–{q3:.3g}, "
+            f"{len(self.times_ms)} runs, {self.device}{cold})"
         )
 
 
@@ -343,23 +374,12 @@ def benchmark(
 ) -> BenchResult:
     """Time ``fn()``: ``warmup`` untimed calls, then ``repeat`` timed calls.
 
-    ``device='cuda'`` times each call with a pair of CUDA events (work is asynchronous:
-    a host clock would only measure the launch).  On the CPU a monotonic high-resolution
-    clock is used.  ``flush=True``: before every timed call, write a buffer twice the
-    size of the last-level cache (:func:`flush_buffer`), outside the timed region, so
-    each call reads its inputs from main memory (cold caches) instead of from the cache
-    the previous call filled (warm).
+    Each timed call is :func:`_one_call_ms`: on CUDA between two CUDA events (a host
+    clock would only measure the launch), on the CPU from a monotonic clock.
+    ``flush=True``: before every timed call, write a buffer twice the size of the
+    last-level cache (:func:`flush_buffer`), outside the timed region (cold caches).
     """
-    if not callable(fn):
-        raise TypeError(
-            "benchmark expects a callable taking no arguments, "
-            f"got {type(fn).__name__}"
-        )
-    if repeat < 1 or warmup < 0:
-        raise ValueError(
-            "need repeat >= 1 and warmup >= 0, "
-            f"got repeat={repeat}, warmup={warmup}"
-        )
+    _check_timing_args("benchmark", [fn], repeat=repeat, warmup=warmup)
     if not isinstance(flush, bool):
         raise TypeError(f"flush must be True or False, got {flush!r}")
     dev = resolve_device(device)
@@ -367,30 +387,25 @@ def benchmark(
     # why: first calls pay for lazy init, allocator growth, compilation
     for _ in range(warmup):
         fn()
-    times: list[float] = []
-    if dev.type == "cuda":
-        # why: do not charge queued warm-up work to the first repeat
-        torch.cuda.synchronize(dev)
-        for _ in range(repeat):
-            if buf is not None:
-                buf.zero_()  # why: queued before the start event, so never timed
-            start = torch.cuda.Event(enable_timing=True)
-            end = torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-    else:
-        for _ in range(repeat):
-            if buf is not None:
-                buf.zero_()  # why: evict fn's inputs; done before the clock starts
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
+    times = [_one_call_ms(fn, dev, buf) for _ in range(repeat)]
     meta = {"flush": flush, "flush_bytes": buf.numel() * 4 if buf is not None else 0}
     return BenchResult(times_ms=times, device=str(dev), warmup=warmup, label=label,
                        meta=meta)
+
+
+def _check_timing_args(who: str, fns, *, repeat: int, warmup: int,
+                       repeat_name: str = "repeat") -> None:
+    """Errors that name the fix: callables taking no arguments, repeat >= 1, warmup >= 0."""
+    bad = next((f for f in fns if not callable(f)), None)
+    if bad is not None or not fns:
+        raise TypeError(
+            f"{who} expects a callable taking no arguments, got {type(bad).__name__}"
+        )
+    if repeat < 1 or warmup < 0:
+        raise ValueError(
+            f"need {repeat_name} >= 1 and warmup >= 0, "
+            f"got {repeat_name}={repeat}, warmup={warmup}"
+        )
 
 
 @contextlib.contextmanager

@@ -25,7 +25,8 @@ from effdl.measuring.roofline import arithmetic_intensity, bytes_per_element, el
 
 __all__ = [
     "conv_flops", "conv_variants", "conv_case", "gelu_unfused", "gelu_fused", "fusion_case",
-    "make_requests", "make_pipeline", "stage_times", "time_to_accuracy", "time_to_result",
+    "make_requests", "decode", "preprocess", "classify", "postprocess", "make_pipeline",
+    "stage_times", "time_to_accuracy", "time_to_result",
     "tuned_time_to_result", "rank_by_time",
 ]
 
@@ -68,34 +69,50 @@ def conv_variants(batch: int, channels: int, hw: int, device=None, dtype=torch.f
 
 
 def conv_case(S, device=None, *, warmup: int | None = None, repeat: int | None = None) -> list[dict]:
-    """Time the four convolutions; rows with FLOPs (by hand and counted), time and achieved GFLOP/s."""
+    """Time the four convolutions interleaved, round by round; rows with FLOPs (by hand and
+    counted), time and achieved GFLOP/s.
+
+    ``time_vs_dense``: the median over rounds of the variant's time / the dense one's in
+    the same round, with its quartiles ``time_vs_dense_q1``/``_q3`` (the spread to report).
+    """
+    from effdl.measure import interleaved, quartiles
+
     b, c, hw = S.conv
+    variants = conv_variants(b, c, hw, device)
+    res = interleaved({name: fn for name, (fn, _, _) in variants.items()},
+                      rounds=repeat or S.repeat, warmup=warmup or S.warmup, device=device)
+    dense = res["dense"].times_ms
     rows = []
-    for name, (fn, flops, nbytes) in conv_variants(b, c, hw, device).items():
-        res = benchmark(fn, warmup=warmup or S.warmup, repeat=repeat or S.repeat, device=device)
+    for name, (fn, flops, nbytes) in variants.items():
+        t = res[name]
+        q1, ratio, q3 = quartiles([a / d for a, d in zip(t.times_ms, dense)])
         rows.append(dict(case="conv", kernel=name, flops=flops, flops_counted=count_flops(fn), bytes=nbytes,
-                         intensity=arithmetic_intensity(flops, nbytes), ms=res.median_ms, ms_iqr=res.iqr_ms,
-                         gflops=flops / res.median_ms / 1e6))
-    dense = rows[0]
-    for r in rows:
-        r["flops_vs_dense"] = r["flops"] / dense["flops"]
-        r["time_vs_dense"] = r["ms"] / dense["ms"]
+                         intensity=arithmetic_intensity(flops, nbytes), ms=t.median_ms, ms_iqr=t.iqr_ms,
+                         gflops=flops / t.median_ms / 1e6, flops_vs_dense=flops / variants["dense"][1],
+                         time_vs_dense=ratio, time_vs_dense_q1=q1, time_vs_dense_q3=q3))
     return rows
 
 
 _C = math.sqrt(2.0 / math.pi)
 
 
-def gelu_unfused(x: torch.Tensor) -> torch.Tensor:
+def gelu_unfused(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """GELU (tanh form) written op by op: eight kernels, each reading and writing the
-    whole tensor."""
-    inner = x + 0.044715 * x.pow(3)                 # pow, mul, add
-    return 0.5 * x * (1.0 + torch.tanh(_C * inner))  # mul, tanh, add, mul, mul
+    whole tensor.  ``out`` (like ``x``) receives the result and every intermediate, so
+    the eight kernels allocate nothing large (default: one fresh buffer)."""
+    out = torch.empty_like(x) if out is None else out
+    t = torch.pow(x, 3, out=out)           # pow
+    t.mul_(0.044715).add_(x)               # mul, add
+    t.mul_(_C).tanh_().add_(1.0)           # mul, tanh, add
+    return t.mul_(x).mul_(0.5)             # mul, mul
 
 
-def gelu_fused(x: torch.Tensor) -> torch.Tensor:
-    """The same function as one kernel: read x once, write the result once."""
-    return F.gelu(x, approximate="tanh")
+def gelu_fused(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The same function as one kernel: read x once, write the result once (into ``out``
+    when given)."""
+    if out is None:
+        return F.gelu(x, approximate="tanh")
+    return torch.ops.aten.gelu.out(x, approximate="tanh", out=out)
 
 
 #: per element: pow (2 multiplies), ×0.0447, +, ×√(2/π), tanh (counted 1), +1, ×x, ×0.5
@@ -105,27 +122,53 @@ GELU_UNFUSED_ACCESSES = 2 + 2 + 3 + 2 + 2 + 2 + 3 + 2  # pow, mul, add, mul, tan
 
 
 def fusion_case(S, device=None, *, warmup: int | None = None, repeat: int | None = None) -> list[dict]:
-    """The same FLOPs, different traffic: the unfused GELU moves ~9× the bytes of the fused one."""
+    """The same FLOPs, different traffic: the unfused GELU moves 9× the bytes of the fused one.
+
+    Three versions timed interleaved, each writing into a preallocated output: eight
+    kernels, the fused one, and a ``tanh`` alone (one kernel, the same bytes as the fused
+    GELU: the cost of its one expensive instruction).  Rows for the two GELUs;
+    ``ratio``/``ratio_q1``/``ratio_q3``: the unfused / fused time per round (median,
+    quartiles); the fused row's ``vs_tanh*``: fused / tanh alone, likewise.
+    """
+    from effdl.measure import interleaved, quartiles
+
     dev = resolve_device(device)
     n = S.gelu_numel
     x = torch.randn(n, device=dev)
+    o1, o2, o3 = (torch.empty_like(x) for _ in range(3))
     e = x.element_size()
+    fns = {"GELU, 8 kernels": lambda: gelu_unfused(x, out=o1),
+           "GELU, fused": lambda: gelu_fused(x, out=o2),
+           "tanh alone": lambda: torch.tanh(x, out=o3)}
+    res = interleaved(fns, rounds=repeat or S.repeat, warmup=warmup or S.warmup, device=dev)
+    t8, t1, th = (res[k].times_ms for k in fns)
+    q = {"ratio": quartiles([a / b for a, b in zip(t8, t1)]),
+         "vs_tanh": quartiles([a / b for a, b in zip(t1, th)])}
+    flops = GELU_FLOPS_PER_ELEMENT * n
     rows = []
-    for name, fn, nbytes in (("GELU, 8 kernels", lambda: gelu_unfused(x), GELU_UNFUSED_ACCESSES * n * e),
-                             ("GELU, fused", lambda: gelu_fused(x), elementwise_bytes(n, 1, 1, e))):
-        res = benchmark(fn, warmup=warmup or S.warmup, repeat=repeat or S.repeat, device=dev)
-        flops = GELU_FLOPS_PER_ELEMENT * n
+    for name, nbytes in (("GELU, 8 kernels", GELU_UNFUSED_ACCESSES * n * e),
+                         ("GELU, fused", elementwise_bytes(n, 1, 1, e))):
+        ms = res[name].median_ms
         rows.append(dict(case="fusion", kernel=name, flops=flops, bytes=nbytes,
-                         intensity=arithmetic_intensity(flops, nbytes), ms=res.median_ms, ms_iqr=res.iqr_ms,
-                         gflops=flops / res.median_ms / 1e6, gbs=nbytes / res.median_ms / 1e6))
+                         intensity=arithmetic_intensity(flops, nbytes), ms=ms,
+                         ms_iqr=res[name].iqr_ms, gflops=flops / ms / 1e6, gbs=nbytes / ms / 1e6))
+    for key, (q1, med, q3) in q.items():
+        row = rows[0] if key == "ratio" else rows[1]
+        row.update({key: med, f"{key}_q1": q1, f"{key}_q3": q3})
+    rows[1]["tanh_ms"] = res["tanh alone"].median_ms
     return rows
 
 
 # --------------------------------------------------------------------------------------------------
 # The model is not the whole job: a small image-classification service
 # --------------------------------------------------------------------------------------------------
-def make_requests(n: int, size: int, seed: int = 0) -> list[bytes]:
-    """``n`` PNG-encoded RGB images of ``size``×``size`` (smooth random pictures): what a client sends."""
+@functools.lru_cache(maxsize=4)
+def make_requests(n: int, size: int, seed: int = 0) -> tuple[bytes, ...]:
+    """``n`` PNG-encoded RGB images of ``size``×``size`` (smooth random pictures): what a client sends.
+
+    Cached: encoding a PNG costs far more than decoding it, and the same requests serve
+    every version of the pipeline.
+    """
     import numpy as np
     from PIL import Image
 
@@ -139,7 +182,7 @@ def make_requests(n: int, size: int, seed: int = 0) -> list[bytes]:
         buf = io.BytesIO()
         img.save(buf, format="PNG")
         out.append(buf.getvalue())
-    return out
+    return tuple(out)
 
 
 def _small_cnn(width: int = 32, n_classes: int = 10, seed: int = 0) -> torch.nn.Module:
@@ -157,6 +200,45 @@ _STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
 LABELS = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 
 
+def decode(requests) -> list:
+    """PNG bytes → RGB images, one request at a time."""
+    from PIL import Image
+
+    return [Image.open(io.BytesIO(b)).convert("RGB") for b in requests]
+
+
+def preprocess(images, input_size: int = 32, device=None) -> torch.Tensor:
+    """Resize, scale to [0, 1] and normalize each image, as a request handler does;
+    stack them into one (n, 3, input_size, input_size) batch."""
+    import numpy as np
+    from PIL import Image
+
+    out = []
+    for img in images:
+        small = img.resize((input_size, input_size), Image.BILINEAR)
+        arr = np.asarray(small, dtype=np.float32) / 255.0        # (h, w, 3)
+        t = torch.from_numpy(arr).permute(2, 0, 1)               # (3, h, w)
+        out.append((t - _MEAN) / _STD)
+    return torch.stack(out).to(resolve_device(device))
+
+
+def classify(net: torch.nn.Module, x: torch.Tensor, batched: bool = True
+             ) -> torch.Tensor:
+    """Logits of a batch: one call of ``net`` on all of it, or one call per image (each
+    pays Python and dispatch overhead)."""
+    with torch.no_grad():
+        if batched:
+            return net(x)
+        return torch.cat([net(x[i:i + 1]) for i in range(x.shape[0])])
+
+
+def postprocess(logits: torch.Tensor) -> list[dict]:
+    """Top-1 label and its probability for each image."""
+    p = torch.softmax(logits.float(), dim=-1).cpu()
+    return [{"label": LABELS[int(i)], "score": round(float(s), 4)}
+            for s, i in zip(*p.max(dim=-1))]
+
+
 def make_pipeline(
     n_images: int,
     raw_size: int,
@@ -169,77 +251,40 @@ def make_pipeline(
 ) -> dict[str, Callable[[], Any]]:
     """The four stages of serving one request batch, each a zero-argument callable.
 
-    ``decode`` (PNG bytes → pixels), ``preprocess`` (resize, to tensor, normalize — per
-    image, as typical serving code does), ``model`` (a small CNN; ``batched=False``
-    calls it once per image, paying Python and dispatch overhead per call;
-    ``model_width`` sets its channels), ``postprocess`` (top-1 label and score per
-    image).
-    Each stage runs on the previous stage's output computed once here, so each can be
-    timed alone; ``end_to_end`` runs all four in order.
+    :func:`decode`, :func:`preprocess`, :func:`classify` (a small CNN with ``model_width``
+    channels; ``batched=False`` calls it once per image), :func:`postprocess`.  Each stage
+    runs on the previous stage's output computed once here, so each can be timed alone;
+    ``end_to_end`` runs all four in order.
     """
-    import numpy as np
-    from PIL import Image
-
     dev = resolve_device(device)
     requests = make_requests(n_images, raw_size, seed)
     net = _small_cnn(model_width, seed=seed).to(dev)
-
-    def decode(reqs=requests):
-        return [Image.open(io.BytesIO(b)).convert("RGB") for b in reqs]
-
-    def preprocess(images=None):
-        images = decoded if images is None else images
-        out = []
-        for img in images:  # per image, as a request handler does
-            arr = (
-                np.asarray(
-                    img.resize((input_size, input_size), Image.BILINEAR),
-                    dtype=np.float32,
-                )
-                / 255.0
-            )
-            t = torch.from_numpy(arr).permute(2, 0, 1)
-            out.append((t - _MEAN) / _STD)
-        return torch.stack(out).to(dev)
-
-    @torch.no_grad()
-    def model(x=None):
-        x = batch if x is None else x
-        if batched:
-            return net(x)
-        return torch.cat([net(x[i:i + 1]) for i in range(x.shape[0])])
-
-    def postprocess(logits=None):
-        logits = scores if logits is None else logits
-        p = torch.softmax(logits.float(), dim=-1).cpu()
-        return [
-            {"label": LABELS[int(i)], "score": round(float(s), 4)}
-            for s, i in zip(*p.max(dim=-1))
-        ]
-
-    decoded = decode()
-    batch = preprocess(decoded)
-    scores = model(batch)
+    images = decode(requests)
+    batch = preprocess(images, input_size, dev)
+    logits = classify(net, batch, batched)
 
     def end_to_end():
-        return postprocess(model(preprocess(decode())))
+        x = preprocess(decode(requests), input_size, dev)
+        return postprocess(classify(net, x, batched))
 
     return {
-        "decode": decode,
-        "preprocess": preprocess,
-        "model": model,
-        "postprocess": postprocess,
+        "decode": lambda: decode(requests),
+        "preprocess": lambda: preprocess(images, input_size, dev),
+        "model": lambda: classify(net, batch, batched),
+        "postprocess": lambda: postprocess(logits),
         "end_to_end": end_to_end,
     }
 
 
 def stage_times(stages: Mapping[str, Callable[[], Any]], *, warmup: int = 2, repeat: int = 5,
                 device=None) -> list[dict]:
-    """Median time of each stage (``end_to_end`` excluded from the shares) and its share of the total."""
+    """Median time of each stage (``end_to_end`` excluded from the shares), its quartiles
+    (``ms_q1``, ``ms_q3``) and its share of the total."""
     rows = []
     for name, fn in stages.items():
         res = benchmark(fn, warmup=warmup, repeat=repeat, device=device)
-        rows.append(dict(stage=name, ms=res.median_ms, ms_iqr=res.iqr_ms))
+        q1, _, q3 = res.quartiles_ms
+        rows.append(dict(stage=name, ms=res.median_ms, ms_iqr=res.iqr_ms, ms_q1=q1, ms_q3=q3))
     total = sum(r["ms"] for r in rows if r["stage"] != "end_to_end")
     for r in rows:
         r["share"] = r["ms"] / total if r["stage"] != "end_to_end" else float("nan")
@@ -320,10 +365,10 @@ def time_to_result(batches, seeds=(0,), *, lr=0.05, **kwargs) -> list[dict]:
     ``lr``: one rate, or a dict {batch size: rate}.  The runs are interleaved (seed by
     seed, every batch size in turn), so a change in the machine's speed hits all batch
     sizes alike.  ``seconds_to_target`` is the median over the seeds that reached the
-    target (``None`` if none did), ``seconds_q1``/``seconds_q3`` their quartiles (the
-    seed spread), ``reached`` counts them; ``runs`` keeps every seed's epochs to the
-    target (``None``: not reached).  A median over seeds, not one lucky run, is part of
-    the protocol.
+    target (``None`` if none did), ``seconds_q1``/``seconds_q3`` their quartiles and
+    ``seconds_min``/``seconds_max`` their range (with three seeds, report the range),
+    ``reached`` counts them; ``runs`` keeps every seed's epochs to the target (``None``:
+    not reached).  A median over seeds, not one lucky run, is part of the protocol.
     """
     import statistics
 
@@ -340,6 +385,7 @@ def time_to_result(batches, seeds=(0,), *, lr=0.05, **kwargs) -> list[dict]:
         q1, med, q3 = quartiles(done) if done else (None, None, None)
         rows.append(dict(
             batch=b, seconds_to_target=med, seconds_q1=q1, seconds_q3=q3,
+            seconds_min=min(done, default=None), seconds_max=max(done, default=None),
             reached=len(done), seeds=len(runs), seed_list=tuple(seeds), lr=rate[b],
             runs=[r["epochs"] if r["seconds_to_target"] is not None else None
                   for r in runs],
@@ -372,36 +418,51 @@ def tuned_time_to_result(batches, lrs, *, tune_seeds=(0, 1, 2), seeds=(3,),
     is optimistic on the runs that picked it.  ``known``: rows of :func:`time_to_result`
     already run (same batch, rate and seeds) that the grid reuses.  Rows as
     :func:`time_to_result`'s, plus ``grid``: {rate: its median epochs, ``None`` if it
-    lost}.
+    was stopped}, ``stopped_at``: {rate: the epochs its runs were allowed}, and
+    ``on_edge``: the chosen rate is the smallest or largest of ``lrs`` (a larger grid
+    might find a better one).
     """
     if not lrs:
         raise ValueError("need at least one learning rate to tune over")
     if set(tune_seeds) & set(seeds):
         raise ValueError(f"tuning seeds {tune_seeds} and fresh seeds {seeds} overlap")
     done = {(r["batch"], r["lr"], r["seed_list"]): r for r in known}
-    grids, best_lr = {}, {}
+    grids, caps, best_lr = {}, {}, {}
     for b in batches:
         scores: dict[float, float] = {}
+        caps[b] = {}
         for lr in lrs:
             best = min(scores.values(), default=math.inf)
             # why: a run that needs more epochs than the best median so far cannot make
             # its rate win (its upper median would exceed it too): stop it there
             cap = int(min(max_epochs, best))
-            row = done.get((b, lr, tuple(tune_seeds))) or time_to_result(
+            known_row = done.get((b, lr, tuple(tune_seeds)))
+            row = known_row or time_to_result(
                 [b], tune_seeds, lr=lr, max_epochs=cap, **kwargs)[0]
+            caps[b][lr] = max_epochs if known_row else cap
             scores[lr] = _score(row)
         best_lr[b] = min(lrs, key=scores.get)
         grids[b] = {lr: t if t < math.inf else None for lr, t in scores.items()}
     rows = time_to_result(batches, seeds, lr=best_lr, max_epochs=max_epochs, **kwargs)
     for row in rows:
-        row["grid"] = grids[row["batch"]]
+        b = row["batch"]
+        row.update(grid=grids[b], stopped_at=caps[b],
+                   on_edge=len(lrs) > 1 and best_lr[b] in (min(lrs), max(lrs)))
     return rows
 
 
 def rank_by_time(rows) -> str:
     """Batch sizes from the fastest to the slowest time to accuracy, e.g. ``"128 < 16"``;
-    those that never reached it last, marked."""
+    ``≈`` joins neighbours whose ranges over the seeds (``seconds_min``–``seconds_max``)
+    overlap, a tie the seeds cannot break; those that never reached it last, marked."""
     done = sorted((r for r in rows if r["seconds_to_target"] is not None),
                   key=lambda r: r["seconds_to_target"])
+    out = ""
+    for prev, r in zip([None, *done], done):
+        if prev is not None:
+            lo = r.get("seconds_min", r["seconds_to_target"])
+            hi = prev.get("seconds_max", prev["seconds_to_target"])
+            out += " ≈ " if lo <= hi else " < "
+        out += str(r["batch"])
     failed = [f"{r['batch']} (not reached)" for r in rows if r["seconds_to_target"] is None]
-    return " < ".join([str(r["batch"]) for r in done] + failed)
+    return " < ".join(([out] if out else []) + failed)

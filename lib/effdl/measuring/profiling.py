@@ -15,6 +15,7 @@ a timeline.  This module
 from __future__ import annotations
 
 import base64
+import functools
 import gzip
 import json
 import warnings
@@ -29,7 +30,7 @@ from effdl.measure import _quiet_stderr_fd, resolve_device
 from effdl.measuring.memory import make_mlp
 
 __all__ = [
-    "make_training_step", "profile_step", "op_table", "export_trace", "trace_events",
+    "make_training_step", "sgd_step", "profile_step", "op_table", "export_trace", "trace_events",
     "step_windows", "lanes", "idle_fraction", "step_phases", "op_durations",
     "plot_timeline", "short_name", "download_link",
 ]
@@ -54,11 +55,9 @@ def make_training_step(
 ) -> Callable[[], float]:
     """One SGD step of an MLP, fed by a ``DataLoader``, as a zero-argument callable.
 
-    The data sit in host memory as a ``TensorDataset``; each step takes the next batch
-    (the default loader indexes the dataset one sample at a time and stacks them),
-    moves it to ``device``, runs forward and backward inside named ``record_function``
-    regions, steps the optimizer and returns the loss as a Python float (which, on a
-    GPU, waits for the step to finish, as logging the loss does in a real loop).
+    The data sit in host memory as a ``TensorDataset``; the default loader indexes it one
+    sample at a time and stacks the samples.  Each call is :func:`sgd_step` on the next
+    batch.
     """
     from torch.utils.data import DataLoader, TensorDataset
 
@@ -70,24 +69,27 @@ def make_training_step(
                         generator=g)
     model = make_mlp(width, depth, n_in=features, seed=seed).to(dev)
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    batches = iter(())
+    return functools.partial(sgd_step, model, opt, _epochs(loader), dev)
 
-    def step() -> float:
-        nonlocal batches
-        xb_yb = next(batches, None)
-        if xb_yb is None:  # an epoch is over: start the next one
-            batches = iter(loader)
-            xb_yb = next(batches)
-        xb, yb = (t.to(dev) for t in xb_yb)
-        with torch.profiler.record_function("forward"):
-            loss = F.cross_entropy(model(xb), yb)
-        opt.zero_grad(set_to_none=True)
-        with torch.profiler.record_function("backward"):
-            loss.backward()
-        opt.step()
-        return loss.item()
 
-    return step
+def _epochs(loader):
+    """The loader's batches, epoch after epoch (a new shuffle each epoch)."""
+    while True:
+        yield from loader
+
+
+def sgd_step(model, opt, batches, device) -> float:
+    """Take the next batch, move it to ``device``, run forward and backward inside named
+    ``record_function`` regions, step the optimizer; return the loss as a Python float
+    (on a GPU this waits for the step to finish, as logging the loss does)."""
+    xb, yb = (t.to(device) for t in next(batches))
+    with torch.profiler.record_function("forward"):
+        loss = F.cross_entropy(model(xb), yb)
+    opt.zero_grad(set_to_none=True)
+    with torch.profiler.record_function("backward"):
+        loss.backward()
+    opt.step()
+    return loss.item()
 
 
 def profile_step(
@@ -128,30 +130,74 @@ def _is_annotation(e) -> bool:
     return bool(getattr(e, "is_user_annotation", False) or named)
 
 
-def op_table(prof, top: int = 10) -> list[dict]:
+def op_table(prof, top: int = 10, *, step: str = "mean") -> list[dict]:
     """The operators that took the most self time, one row per (operator, input shapes).
 
-    ``key_averages(group_by_input_shape=True)`` sorted by self CPU time; annotations
-    (``record_function`` regions) left out.  Self time excludes the operators called from
-    inside; times are milliseconds per recorded step; ``share`` is of all operators' self
-    CPU time.  On CUDA, ``self_device_ms`` is the kernels' time.
+    ``step="mean"``: ``key_averages(group_by_input_shape=True)``, divided by the number of
+    recorded steps.  ``step="fastest"``: the operators of the shortest recorded step only
+    (the one the machine's neighbours disturbed least; a mean over steps is dominated by
+    the disturbed ones).  Annotations (``record_function`` regions) are left out.  Self
+    time excludes the operators called from inside; times are milliseconds per step;
+    ``share`` is of all operators' self CPU time.  On CUDA, ``self_device_ms`` is the
+    kernels' time.
     """
-    steps = getattr(prof, "recorded_steps", 1)
-    ops = [e for e in prof.key_averages(group_by_input_shape=True) if not _is_annotation(e)]
-    total = sum(e.self_cpu_time_total for e in ops) or 1.0
-    ops.sort(key=lambda e: e.self_cpu_time_total, reverse=True)
-    rows = []
-    for e in ops[:top]:
+    if step not in ("mean", "fastest"):
+        raise ValueError(f"step must be 'mean' or 'fastest', got {step!r}")
+    if step == "fastest":
+        ops, steps = _fastest_step_ops(prof), 1
+    else:
+        steps = getattr(prof, "recorded_steps", 1)
+        ops = [_OpRow.of(e) for e in prof.key_averages(group_by_input_shape=True)
+               if not _is_annotation(e)]
+    total = sum(o.self_us for o in ops) or 1.0
+    ops.sort(key=lambda o: o.self_us, reverse=True)
+    return [dict(
+        op=o.name, shapes=o.shapes,
+        calls=o.count // steps if o.count % steps == 0 else o.count / steps,
+        self_ms=o.self_us / steps / 1e3, total_ms=o.total_us / steps / 1e3,
+        share=o.self_us / total, self_device_ms=o.device_us / steps / 1e3,
+    ) for o in ops[:top]]
+
+
+class _OpRow:
+    """One (operator, input shapes) group: calls and summed times in µs."""
+
+    def __init__(self, name: str, shapes: str):
+        self.name, self.shapes = name, shapes
+        self.count, self.self_us, self.total_us, self.device_us = 0, 0.0, 0.0, 0.0
+
+    @staticmethod
+    def _shapes(e) -> str:
         shapes = [list(s) for s in e.input_shapes if s] if e.input_shapes else []
-        rows.append(dict(
-            op=e.key, shapes=str(shapes) if shapes else "",
-            calls=e.count // steps if e.count % steps == 0 else e.count / steps,
-            self_ms=e.self_cpu_time_total / steps / 1e3,
-            total_ms=e.cpu_time_total / steps / 1e3,
-            share=e.self_cpu_time_total / total,
-            self_device_ms=getattr(e, "self_device_time_total", 0.0) / steps / 1e3,
-        ))
-    return rows
+        return str(shapes) if shapes else ""
+
+    @classmethod
+    def of(cls, e, count: int | None = None) -> _OpRow:
+        row = cls(e.key, cls._shapes(e))
+        row.add(e, e.count if count is None else count)
+        return row
+
+    def add(self, e, count: int = 1) -> None:
+        self.count += count
+        self.self_us += e.self_cpu_time_total
+        self.total_us += e.cpu_time_total
+        self.device_us += getattr(e, "self_device_time_total", 0.0)
+
+
+def _fastest_step_ops(prof) -> list[_OpRow]:
+    """The operators of the shortest ``ProfilerStep`` region, grouped by name and shapes."""
+    events = prof.events()
+    steps = [e for e in events if e.name.startswith("ProfilerStep")]
+    if not steps:
+        raise ValueError("no ProfilerStep regions: profile with profile_step()")
+    win = min(steps, key=lambda e: e.time_range.elapsed_us()).time_range
+    groups: dict[tuple[str, str], _OpRow] = {}
+    for e in events:
+        if _is_annotation(e) or not win.start <= e.time_range.start < win.end:
+            continue
+        key = (e.key, _OpRow._shapes(e))
+        groups.setdefault(key, _OpRow(*key)).add(e)
+    return list(groups.values())
 
 
 # ------------------------------------------------------------------------------ the trace

@@ -25,6 +25,7 @@ __all__ = [
     "matmul_flops", "matmul_bytes", "elementwise_bytes", "softmax_flops", "softmax_bytes",
     "attention_flops", "naive_attention_bytes", "attention_layer_flops",
     "naive_attention", "attention_layer",
+    "softmax_by_ops", "softmax_by_ops_bytes",
     "peak_compute", "peak_matmul", "bandwidths", "peak_bandwidth", "measure_roofline",
     "roofline_from_rows", "kernel_suite", "place_kernels", "plot_roofline",
 ]
@@ -41,6 +42,8 @@ class Roofline:
     peak_bandwidth: float
     device: str = "cpu"
     dtype: str = "float32"
+    threads: int | None = None      # CPU threads it was measured with (None: not recorded)
+    peak_side: int | None = None    # side of the square matmul that set peak_flops
 
     def __post_init__(self):
         if not (self.peak_flops > 0 and self.peak_bandwidth > 0):
@@ -71,9 +74,13 @@ class Roofline:
         return "memory" if intensity < self.ridge else "compute"
 
     def __str__(self) -> str:
+        threads = ""
+        if self.threads:
+            threads = f", {self.threads} thread" + ("s" if self.threads > 1 else "")
         return (
-            f"roofline of {self.device} ({self.dtype}): {self.peak_flops / 1e9:.1f} GFLOP/s, "
-            f"{self.peak_bandwidth / 1e9:.1f} GB/s, ridge at {self.ridge:.1f} FLOP/byte"
+            f"roofline of {self.device} ({self.dtype}{threads}): "
+            f"{self.peak_flops / 1e9:.1f} GFLOP/s, {self.peak_bandwidth / 1e9:.1f} GB/s, "
+            f"ridge at {self.ridge:.1f} FLOP/byte"
         )
 
 
@@ -129,6 +136,27 @@ def softmax_flops(rows: int, cols: int) -> int:
 def softmax_bytes(rows: int, cols: int, bytes_per_element: int = 4) -> int:
     _check_pos(rows=rows, cols=cols)
     return 2 * rows * cols * bytes_per_element
+
+
+def softmax_by_ops_bytes(rows: int, cols: int, bytes_per_element: int = 4) -> int:
+    """:func:`softmax_by_ops`' traffic: max reads s; subtract reads s, writes out; exp reads
+    and writes out; sum reads out; divide reads and writes out — 8 full tensors (the
+    per-row max and sum are ``cols`` times smaller and left out)."""
+    _check_pos(rows=rows, cols=cols)
+    return 8 * rows * cols * bytes_per_element
+
+
+def softmax_by_ops(s: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """Softmax over the last dimension as five kernels: max, subtract, exp, sum, divide.
+
+    Each kernel reads (and the three elementwise ones write) a whole tensor.  ``out``, a
+    tensor like ``s``, receives the result and holds the intermediate, so no call
+    allocates a large buffer (fresh outputs cost page faults on a CPU).
+    """
+    m = s.amax(dim=-1, keepdim=True)          # (rows, 1)
+    torch.sub(s, m, out=out)                  # s - max, for a safe exp
+    out.exp_()
+    return out.div_(out.sum(dim=-1, keepdim=True))
 
 
 def attention_flops(batch: int, heads: int, seq: int, head_dim: int) -> int:
@@ -205,12 +233,13 @@ def attention_layer(x: torch.Tensor, w_qkv: torch.Tensor, w_out: torch.Tensor, h
 # --------------------------------------------------------------------------------------------------
 def peak_matmul(device=None, *, n: int = 1024, dtype: torch.dtype = torch.float32,
                 warmup: int = 2, repeat: int = 5) -> dict[str, float]:
-    """The fastest square matmul of side n, n/2 or n/4: ``{"m": side, "ms": time, "flops": FLOP/s}``,
-    each size timed by its fastest repeat.
+    """The fastest square matmul of side n, n/2 or n/4, each size timed by its fastest
+    repeat: ``{"m": side, "ms": time, "flops": FLOP/s}``.
 
-    Why the fastest and not the median: a peak is what the machine can do; on a shared machine the
-    slower repeats measure the neighbours.  Why several sizes: the largest is not always the fastest
-    (on a CPU a smaller one may stay in cache).  Kernels placed on the roofline use the median.
+    Why the fastest and not the median: a peak is what the machine can do; on a shared
+    machine the slower repeats measure the neighbours.  Why several sizes: the largest is
+    not always the fastest (on a CPU a smaller one may stay in cache).  Kernels placed on
+    the roofline use the median.
     """
     _check_pos(n=n)
     dev = resolve_device(device)
@@ -232,44 +261,53 @@ def peak_compute(device=None, *, n: int = 1024, dtype: torch.dtype = torch.float
 
 
 def bandwidths(
-    device=None, *, mib: int = 256, warmup: int = 2, repeat: int = 5
+    device=None, *, mib: int = 256, warmup: int = 2, repeat: int = 5, add: bool = False
 ) -> dict[str, float]:
-    """Bytes/s of two streaming kernels over a ``mib``-MiB buffer, each from its fastest
+    """Bytes/s of streaming kernels over a ``mib``-MiB buffer, each from its fastest
     repeat.
 
     ``copy``: ``dst.copy_(src)``, counted as 2 bytes per byte copied (read + write, the
-    STREAM convention).  ``read``: ``src.sum()``, 1 byte per byte.  Writes usually cost
-    an extra read of the destination (write-allocate caches), so a copy alone
-    understates what reading can reach.  The buffer must be much larger than the
-    last-level cache, or this measures the cache.
+    STREAM convention).  ``read``: ``src.sum()``, 1 byte per byte.  ``add=True`` adds
+    ``add``: ``torch.add(src, src2, out=dst)``, 3 bytes per byte (two reads, one write).
+    Which stream is fastest differs between machines, so the roof is their best.  Every
+    output is preallocated (a fresh one would add page faults), and the buffer must be
+    much larger than the last-level cache, or this measures the cache.
     """
     _check_pos(mib=mib)
     dev = resolve_device(device)
     src = torch.ones(mib * 2**20 // 4, device=dev)
     dst = torch.empty_like(src)
-    copy = benchmark(
-        lambda: dst.copy_(src), warmup=warmup, repeat=repeat, device=dev
-    )
-    read = benchmark(lambda: src.sum(), warmup=warmup, repeat=repeat, device=dev)
-    return {
-        "copy": 2 * src.nbytes / (copy.min_ms * 1e-3),
-        "read": src.nbytes / (read.min_ms * 1e-3),
-    }
+    streams = {"copy": (lambda: dst.copy_(src), 2), "read": (lambda: src.sum(), 1)}
+    if add:
+        src2 = torch.ones_like(src)
+        streams["add"] = (lambda: torch.add(src, src2, out=dst), 3)
+    out = {}
+    for name, (fn, moved) in streams.items():
+        res = benchmark(fn, warmup=warmup, repeat=repeat, device=dev)
+        out[name] = moved * src.nbytes / (res.min_ms * 1e-3)
+    return out
 
 
 def peak_bandwidth(device=None, *, mib: int = 256, warmup: int = 2, repeat: int = 5) -> float:
-    """Memory bandwidth (bytes/s): the better of a large copy and a large read (see :func:`bandwidths`)."""
-    return max(bandwidths(device, mib=mib, warmup=warmup, repeat=repeat).values())
+    """Memory bandwidth (bytes/s): the best of a large copy, read and add (:func:`bandwidths`)."""
+    return max(bandwidths(device, mib=mib, warmup=warmup, repeat=repeat, add=True).values())
 
 
 def measure_roofline(device=None, *, matmul_n: int = 1024, copy_mib: int = 256,
                      dtype: torch.dtype = torch.float32, warmup: int = 2, repeat: int = 5) -> Roofline:
-    """Measure both roofs of ``device`` (default CPU) for ``dtype`` matmuls."""
+    """Measure both roofs of ``device`` (default CPU) for ``dtype`` matmuls.
+
+    The compute roof comes from square matmuls of side n, n/2 and n/4 (:func:`peak_matmul`);
+    ``peak_side`` records which one set it, so a prediction can avoid those sizes.
+    """
     dev = resolve_device(device)
+    best = peak_matmul(dev, n=matmul_n, dtype=dtype, warmup=warmup, repeat=repeat)
     return Roofline(
-        peak_flops=peak_compute(dev, n=matmul_n, dtype=dtype, warmup=warmup, repeat=repeat),
+        peak_flops=best["flops"],
         peak_bandwidth=peak_bandwidth(dev, mib=copy_mib, warmup=warmup, repeat=repeat),
         device=str(dev), dtype=str(dtype).replace("torch.", ""),
+        threads=torch.get_num_threads() if dev.type == "cpu" else None,
+        peak_side=best["m"],
     )
 
 
@@ -294,7 +332,8 @@ class Kernel:
 def kernel_suite(
     S, device=None, dtype: torch.dtype = torch.float32, *, matmul_sizes: Sequence[int] | None = None
 ) -> list[Kernel]:
-    """Matmuls at several sizes, elementwise add, a sum, a softmax and naive attention.
+    """Matmuls at several sizes, elementwise add, a sum, a softmax (one kernel and five),
+    an exp over the softmax's input, and naive attention.
 
     ``S`` is the chapter's sizes (``effdl.profile.sizes("measuring")``).
     """
@@ -308,13 +347,21 @@ def kernel_suite(
                               matmul_flops(n, n, n), matmul_bytes(n, n, n, e)))
     m = S.elementwise_numel
     x, y, z = torch.randn(m, **mk), torch.randn(m, **mk), torch.empty(m, **mk)
-    # why out=: a fresh output buffer this large costs page faults on the CPU, which are not the kernel
-    kernels.append(Kernel("add", "elementwise", lambda: torch.add(x, y, out=z), m, elementwise_bytes(m, 2, 1, e)))
-    kernels.append(Kernel("sum", "reduction", lambda: x.sum(), m - 1, elementwise_bytes(m, 1, 0, e) + e))
+    # why out=: a fresh output buffer this large costs page faults on the CPU, which are
+    # the operating system's work, not the kernel's
+    kernels.append(Kernel("add", "elementwise", lambda: torch.add(x, y, out=z), m,
+                          elementwise_bytes(m, 2, 1, e)))
+    kernels.append(Kernel("sum", "reduction", lambda: x.sum(), m - 1,
+                          elementwise_bytes(m, 1, 0, e) + e))
     r, c = S.softmax_shape
-    s = torch.randn(r, c, **mk)
-    kernels.append(Kernel("softmax", "softmax", lambda: torch.softmax(s, dim=-1),
+    s, o = torch.randn(r, c, **mk), torch.empty(r, c, **mk)
+    kernels.append(Kernel("softmax", "softmax", lambda: torch.softmax(s, -1, out=o),
                           softmax_flops(r, c), softmax_bytes(r, c, e)))
+    kernels.append(Kernel("softmax, 5 ops", "softmax", lambda: softmax_by_ops(s, out=o),
+                          softmax_flops(r, c), softmax_by_ops_bytes(r, c, e)))
+    # the softmax's one expensive instruction alone, over the same tensor
+    kernels.append(Kernel("exp", "elementwise", lambda: torch.exp(s, out=o), r * c,
+                          elementwise_bytes(r * c, 1, 1, e)))
     bsz, h, n, d = S.attention
     q, k, v = (torch.randn(bsz, h, n, d, **mk) for _ in range(3))
     kernels.append(Kernel("naive attention", "attention", lambda: naive_attention(q, k, v),
@@ -323,12 +370,21 @@ def kernel_suite(
     return kernels
 
 
+#: below this fraction of its roof, a kernel shorter than OVERHEAD_MS is labelled
+#: overhead-bound: its time is the fixed cost of a call, not its FLOPs or bytes
+OVERHEAD_EFFICIENCY = 0.10
+OVERHEAD_MS = 0.1
+
+
 def place_kernels(kernels: Sequence[Kernel], roof: Roofline, *, warmup: int = 2, repeat: int = 5,
                   device=None, progress: bool = False) -> list[dict[str, Any]]:
     """Time each kernel; one row with its intensity, achieved FLOP/s and the roof's bound there.
 
-    ``efficiency`` = achieved / attainable: 1.0 means the kernel runs at its roof.
-    ``flops_counted`` is what ``torch.utils.flop_counter`` reports for the same call.
+    ``bound``: the side of the ridge the kernel's intensity falls on (``memory`` or
+    ``compute``).  ``efficiency`` = achieved / attainable: 1.0 means the kernel runs at its
+    roof.  ``limit``: ``overhead`` for a short kernel far below its roof (see
+    :data:`OVERHEAD_EFFICIENCY`), else ``bound``.  ``flops_counted`` is what
+    ``torch.utils.flop_counter`` reports for the same call.
     """
     from tqdm.auto import tqdm
 
@@ -338,12 +394,14 @@ def place_kernels(kernels: Sequence[Kernel], roof: Roofline, *, warmup: int = 2,
         sec = res.median_ms * 1e-3
         intensity = kern.intensity
         achieved = kern.flops / sec
+        efficiency = achieved / roof.attainable(intensity)
+        overhead = efficiency < OVERHEAD_EFFICIENCY and res.median_ms < OVERHEAD_MS
         rows.append(dict(
             kernel=kern.name, family=kern.family, flops=kern.flops, flops_counted=count_flops(kern.fn),
             bytes=kern.nbytes, intensity=intensity, ms=res.median_ms, ms_iqr=res.iqr_ms,
             gflops=achieved / 1e9, gbs=kern.nbytes / sec / 1e9,
             bound_gflops=roof.attainable(intensity) / 1e9, bound=roof.bound(intensity),
-            efficiency=achieved / roof.attainable(intensity),
+            efficiency=efficiency, limit="overhead" if overhead else roof.bound(intensity),
         ))
     return rows
 
