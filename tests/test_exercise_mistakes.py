@@ -1,0 +1,512 @@
+"""Every check fed the wrong answers a student might plausibly write, and the library's own answer.
+
+For each check: the mistakes the exercise is about (a two-pass softmax, an empty split that keeps a
+weight, a clamped quantizer, a timer without warm-up...) and at least two more; each must fail, and
+where the check can recognise the mistake its message must say what it is (``match``).  Then every
+check must refuse the library's function that answers it, a pasted copy of that function's code, and
+a function that calls it.  The wrong answers are written as a student would, without the library's
+answer functions (a check refuses those for that reason alone).
+"""
+
+from __future__ import annotations
+
+import inspect
+import linecache
+import math
+import statistics
+import textwrap
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from effdl import chapters
+from effdl.checks import ExerciseFailed, answer_paths, resolve
+
+
+def _reject(chapter, name, wrong, match):
+    with pytest.raises(ExerciseFailed, match=match):
+        getattr(chapters.module(chapter, "checks"), name)(wrong)
+
+
+# ============================================================================== attention
+def _softmax(x, block, *, rescale=True, last=True, per_block=False, shift=True, normalize=True):
+    """A one-pass online softmax with the mistakes a student makes switched on."""
+    n = x.shape[-1]
+    if per_block:
+        return torch.cat([torch.exp(b - b.amax(-1, keepdim=True)) / torch.exp(b - b.amax(-1, keepdim=True))
+                          .sum(-1, keepdim=True) for b in x.split(block, -1)], -1)
+    m = torch.full(x.shape[:-1], -math.inf, dtype=x.dtype)
+    l = torch.zeros(x.shape[:-1], dtype=x.dtype)
+    for s in range(0, n if last else n - n % block, block):
+        xb = x[..., s:s + block]
+        m_new = torch.maximum(m, xb.amax(-1)) if shift else torch.zeros_like(m)
+        l = (l * torch.exp(m - m_new) if rescale and shift else l) + torch.exp(xb - m_new[..., None]).sum(-1)
+        m = m_new
+    e = torch.exp(x - m[..., None])
+    return e / l[..., None] if normalize else e
+
+
+def _two_pass_softmax(x, block):  # blocked, but one pass for the max and another for the sum
+    m = torch.full(x.shape[:-1], -math.inf, dtype=x.dtype)
+    for s in range(0, x.shape[-1], block):
+        m = torch.maximum(m, x[..., s:s + block].amax(-1))
+    l = torch.zeros(x.shape[:-1], dtype=x.dtype)
+    for s in range(0, x.shape[-1], block):
+        l = l + torch.exp(x[..., s:s + block] - m[..., None]).sum(-1)
+    return torch.exp(x - m[..., None]) / l[..., None]
+
+
+def _safe_softmax(x, block):  # the textbook three passes, written out
+    e = torch.exp(x - x.amax(-1, keepdim=True))
+    return e / e.sum(-1, keepdim=True)
+
+
+def _merge(m1, l1, a1, m2, l2, a2, *, empty=True, rescale_l=True, rescale_acc=True, swap=False, keep_m1=False):
+    m = m1 if keep_m1 else torch.maximum(m1, m2)
+    shift = torch.where(torch.isneginf(m), torch.zeros_like(m), m) if empty else m
+    w1, w2 = torch.exp(m1 - shift), torch.exp(m2 - shift)
+    if swap:
+        w1, w2 = w2, w1
+    l = l1 * w1 + l2 * w2 if rescale_l else l1 + l2
+    acc = a1 * w1[..., None] + a2 * w2[..., None] if rescale_acc else a1 + a2
+    return m, l, acc
+
+
+def _plan(nq, nk, bq, bk, *, top_left=False, transpose=False, floor=False, strict_full=False):
+    off = 0 if top_left else nk - nq
+    plan = {}
+    for i, i0 in enumerate(range(0, nq - nq % bq if floor else nq, bq)):
+        last_q = min(i0 + bq, nq) - 1
+        for j, j0 in enumerate(range(0, nk - nk % bk if floor else nk, bk)):
+            last_k = min(j0 + bk, nk) - 1
+            if j0 <= last_q + off:
+                full = last_k < i0 + off if strict_full else last_k <= i0 + off
+                plan[(j, i) if transpose else (i, j)] = "full" if full else "partial"
+    return plan
+
+
+def _split_merge(outs, lses, *, empty_weight_one=False, shift=True, normalize=True, all_empty_safe=True):
+    if empty_weight_one:  # "avoid the NaN": treat an empty split as lse 0
+        lses = torch.where(torch.isneginf(lses), torch.zeros_like(lses), lses)
+    if not shift:
+        w = torch.exp(lses)
+        return (outs * w[..., None]).sum(0) / w.sum(0)[..., None]
+    if not normalize:
+        return (outs * torch.exp(lses - lses.amax(0))[..., None]).sum(0)
+    lse = torch.logsumexp(lses, 0)
+    if all_empty_safe:
+        lse = torch.where(torch.isneginf(lse), torch.zeros_like(lse), lse)
+    return (outs * torch.exp(lses - lse)[..., None]).sum(0)
+
+
+def _tiles(M, d, *, ignore_s=False, swap=False, square=False):
+    if square:
+        b = max(1, int(math.isqrt(M // 4)))
+        return b, b
+    if ignore_s:  # Q_i, O_i, K_j, V_j fill M: nothing left for S_ij, m_i and l_i
+        return (M - 2 * d * d) // (2 * d), d
+    bc = max(1, min(d, M // (8 * d)))
+    br = max(1, M // (4 * d))
+    while not ignore_s and br > 1 and 2 * br * d + 2 * br + 2 * bc * d + br * bc > M:
+        br -= 1
+    return (bc, br) if swap else (br, bc)
+
+
+ATTENTION = [
+    # the online softmax must be one pass over blocks
+    ("check_online_softmax", _two_pass_softmax, "went over the blocks 2 times"),
+    ("check_online_softmax", lambda x, block: torch.softmax(x, -1), "calls torch.softmax"),
+    ("check_online_softmax", _safe_softmax, "read whole rows"),
+    ("check_online_softmax", resolve("effdl.attention.softmax.safe_softmax"), "function of the library"),
+    ("check_online_softmax", lambda x, block: _softmax(x, block, shift=False), "NaN or inf.*subtract the running"),
+    ("check_online_softmax", lambda x, block: _softmax(x, block, rescale=False), "not rescaled"),
+    ("check_online_softmax", lambda x, block: _softmax(x, block, last=False), "last, shorter block"),
+    ("check_online_softmax", lambda x, block: _softmax(x, block, per_block=True), "normalized on its own"),
+    ("check_online_softmax", lambda x, block: _softmax(x, block, normalize=False), "not divided"),
+    # merging states: the empty state, and the rescaling of both sides
+    ("check_merge_states", lambda *s: _merge(*s, empty=False), "empty"),
+    ("check_merge_states", lambda *s: _merge(*s, rescale_l=False), "l was added without rescaling"),
+    ("check_merge_states", lambda *s: _merge(*s, rescale_acc=False), "acc was added without rescaling"),
+    ("check_merge_states", lambda *s: _merge(*s, swap=True), "swapped"),
+    ("check_merge_states", lambda *s: _merge(*s, keep_m1=True), "max\\(m1, m2\\)"),
+    # the causal plan
+    ("check_causal_tile_plan", lambda *a: _plan(*a, top_left=True), "top-left"),
+    ("check_causal_tile_plan", lambda *a: _plan(*a, transpose=True), "\\(key tile, query tile\\)"),
+    ("check_causal_tile_plan", lambda *a: _plan(*a, floor=True), "shorter tile"),
+    ("check_causal_tile_plan", lambda *a: _plan(*a, strict_full=True), "should be 'full'"),
+    # FA2's I/O: whole numbers, partial tiles
+    ("check_fa2_io_count", lambda N, d, br, bc: (N * d + (N // br) * 2 * N * d, N * d + N), "⌈N/Br⌉"),
+    ("check_fa2_io_count", lambda N, d, br, bc: (N * d + N / br * 2 * N * d, N * d + N), "float"),
+    ("check_fa2_io_count", lambda N, d, br, bc: (N * d + -(-N // br) * 2 * -(-N // bc) * bc * d, N * d + N),
+     "partial last K/V tile"),
+    ("check_fa2_io_count", lambda N, d, br, bc: (N * d + -(-N // br) * 2 * N * d, N * d), "logsumexp"),
+    ("check_fa2_io_count", lambda N, d, br, bc: (N * d + -(-N // bc) * 2 * N * d, N * d + N),
+     "once per \\*query\\* tile"),
+    # tile sizes: fit, whole numbers, a large query tile
+    ("check_tile_sizes", lambda M, d: (M // d, d), "elements on chip"),
+    ("check_tile_sizes", lambda M, d: (M / (4 * d), min(d, M / (8 * d))), "float"),
+    ("check_tile_sizes", lambda M, d: _tiles(M, d, ignore_s=True), "S_ij, Br x Bc, and m_i"),
+    ("check_tile_sizes", lambda M, d: _tiles(M, d, swap=True), "swapped"),
+    ("check_tile_sizes", lambda M, d: _tiles(M, d, square=True), "make Br as large as fits"),
+    # the split-KV merge
+    ("check_split_kv_merge", lambda outs, lses: outs.mean(0), "plain average"),
+    ("check_split_kv_merge", lambda o, s: _split_merge(o, s, empty_weight_one=True), "empty split"),
+    ("check_split_kv_merge", lambda o, s: _split_merge(o, s, shift=False), "overflowed"),
+    ("check_split_kv_merge", lambda o, s: _split_merge(o, s, normalize=False), "divided by their sum"),
+    ("check_split_kv_merge", lambda o, s: _split_merge(o, s, all_empty_safe=False), "every split is empty"),
+    ("check_split_kv_merge", lambda o, s: (o * torch.softmax(s, 0)[..., None]).sum(0), "every split is empty"),
+]
+
+
+# ============================================================================== distill
+def _ecf(f, t, *, swap=False, total=False, conj=False, axis=1):
+    p = t @ f.T                                      # (m, n)
+    re, im = (p.cos().sum(axis), p.sin().sum(axis)) if total else (p.cos().mean(axis), p.sin().mean(axis))
+    im = -im if conj else im
+    return (im, re) if swap else (re, im)
+
+
+def _amp_phase(fr, fs, t, *, factor=2.0, swap=False, squared=False):
+    rr, ir = _ecf(fr, t)
+    rs, is_ = _ecf(fs, t)
+    ar, as_ = (rr**2 + ir**2 + 1e-12).sqrt(), (rs**2 + is_**2 + 1e-12).sqrt()
+    amp = ((rr**2 + ir**2) - (rs**2 + is_**2)) ** 2 if squared else (ar - as_) ** 2
+    phase = (factor * (ar * as_ - (rr * rs + ir * is_))).clamp_min(0)
+    return (phase, amp) if swap else (amp, phase)
+
+
+def _herding(features, k, *, exclude=True, greedy=True, dtype=torch.long):
+    f = features.double()
+    target, acc, picked = f.mean(0), torch.zeros(f.shape[1], dtype=f.dtype), []
+    if not greedy:  # the rows nearest the mean, one by one
+        return ((f - target) ** 2).sum(1).argsort()[:k].to(dtype)
+    for j in range(k):
+        dist = (((acc + f) / (j + 1) - target) ** 2).sum(1)
+        if exclude:
+            dist[picked] = float("inf")
+        i = int(dist.argmin())
+        picked.append(i)
+        acc += f[i]
+    return torch.tensor(picked, dtype=dtype)
+
+
+def _minmax(sampler, optimizer, f_real, f_syn, *, sign=-1.0, detach=True, same_noise=True, cancel=False):
+    import effdl.distill as dd
+
+    if detach:
+        f_real, f_syn = f_real.detach(), f_syn.detach()
+    noise = sampler.draw_noise()
+    optimizer.zero_grad()
+    loss = dd.cf_discrepancy(f_real, f_syn, sampler(noise))
+    if cancel:
+        loss.backward(retain_graph=True)
+        (-loss).backward()
+    else:
+        (sign * loss).backward()
+    optimizer.step()
+    with torch.no_grad():
+        after = dd.cf_discrepancy(f_real, f_syn, sampler(noise if same_noise else sampler.draw_noise()))
+    return float(loss.detach()), float(after)
+
+
+DISTILL = [
+    ("check_empirical_cf", lambda f, t: _ecf(f, t, swap=True), "swapped"),
+    ("check_empirical_cf", lambda f, t: _ecf(f, t, total=True), "take the mean"),
+    ("check_empirical_cf", lambda f, t: _ecf(f, t, conj=True), "wrong sign"),
+    ("check_empirical_cf", lambda f, t: _ecf(f, t, axis=0), "one value per frequency|shape"),
+    ("check_amplitude_phase", lambda fr, fs, t: _amp_phase(fr, fs, t, factor=1.0), "factor 2"),
+    ("check_amplitude_phase", lambda fr, fs, t: _amp_phase(fr, fs, t, swap=True), "swapped"),
+    ("check_amplitude_phase", lambda fr, fs, t: _amp_phase(fr, fs, t, squared=True), "moduli"),
+    ("check_mean_embedding_mmd", lambda fr, fs: (fr.mean(0) - fs.mean(0)).norm(), "its square"),
+    ("check_mean_embedding_mmd", lambda fr, fs: ((fr.mean(0) - fs.mean(0)) ** 2).mean(), "a mean over the features"),
+    ("check_mean_embedding_mmd", lambda fr, fs: ((fr.sum(0) - fs.sum(0)) ** 2).sum(), "mean rows"),
+    ("check_mean_embedding_mmd", lambda fr, fs: ((fr[:, None] - fs[None]) ** 2).sum(-1).mean(), "all pairs"),
+    ("check_mean_embedding_mmd", lambda fr, fs: (fr.mean(0) - fs.mean(0)) ** 2, "return a scalar"),
+    ("check_herding", lambda f, k: _herding(f, k, exclude=False), "picked twice"),
+    ("check_herding", lambda f, k: _herding(f, k, greedy=False), "nearest the mean one by one"),
+    ("check_herding", lambda f, k: _herding(f, k, dtype=torch.float32), "torch.long"),
+    ("check_herding", lambda f, k: list(range(k)), "return a tensor"),
+    ("check_minmax_step", lambda *a: _minmax(*a, sign=1.0), "descent step"),
+    ("check_minmax_step", lambda *a: _minmax(*a, cancel=True), "gradient is zero"),
+    ("check_minmax_step", lambda *a: _minmax(*a, detach=False), "detach them"),
+    ("check_minmax_step", lambda *a: _minmax(*a, same_noise=False), "same noise"),
+]
+
+
+# ============================================================================== tokens
+def _density(keys, T, thr, frac, *, self_count=False, ge_sim=False, ge_count=False, cosine=True, of_t=False,
+             flip=False):
+    B, n, d = keys.shape
+    k = keys.reshape(B, n // T, T, d)
+    if cosine:
+        k = k / k.norm(dim=-1, keepdim=True)
+    sim = k @ k.transpose(-2, -1)
+    similar = ((sim >= thr) if ge_sim else (sim > thr)).sum(-1) - (0 if self_count else 1)
+    limit = frac * (T if of_t else T - 1)
+    redundant = ((similar >= limit) if ge_count else (similar > limit)).to(keys.dtype).mean(-1)
+    return redundant if flip else 1.0 - redundant
+
+
+def _topk(x, a, k, *, order=True, fuse="dropped"):
+    B, n, D = x.shape
+    idx = a.topk(k, dim=1).indices
+    idx = idx.sort(dim=1).values if order else idx
+    kept = torch.gather(x, 1, idx[..., None].expand(-1, -1, D))
+    w = a.scatter(1, idx, 0.0) if fuse != "all" else a
+    if fuse == "unweighted":
+        w = (w > 0).to(x.dtype)
+    return kept, (w[..., None] * x).sum(1) / w.sum(1, keepdim=True)
+
+
+def _tome(x, size, metric, r, *, weighted=True, most=True, a_even=True):
+    if not a_even:  # A = odd positions: reorder so that they come first in each pair
+        perm = torch.arange(x.shape[1]).view(-1, 2).flip(1).flatten() if x.shape[1] % 2 == 0 else None
+        if perm is None:
+            return x[:, :-r], size[:, :-r]
+        x, size, metric = x[:, perm], size[:, perm], metric[:, perm]
+    m = metric / metric.norm(dim=-1, keepdim=True)
+    best, partner = (m[:, ::2] @ m[:, 1::2].transpose(1, 2)).max(-1)
+    order = best.argsort(-1, descending=most)
+    src, stay = order[:, :r], order[:, r:]
+    dst = torch.gather(partner, 1, src)
+    D = x.shape[-1]
+    w = size if weighted else torch.ones_like(size)
+    xa, xb, wa, wb = x[:, ::2], x[:, 1::2], w[:, ::2], w[:, 1::2]
+    take = lambda t, i: torch.gather(t, 1, i[..., None].expand(-1, -1, t.shape[-1]))  # noqa: E731
+    sum_b = (wb[..., None] * xb).scatter_add(1, dst[..., None].expand(-1, -1, D), take(wa[..., None] * xa, src))
+    w_b = wb.scatter_add(1, dst, torch.gather(wa, 1, src))
+    size_b = size[:, 1::2].scatter_add(1, dst, torch.gather(size[:, ::2], 1, src))
+    return torch.cat([take(xa, stay), sum_b / w_b[..., None]], 1), torch.cat([torch.gather(size[:, ::2], 1, stay),
+                                                                               size_b], 1)
+
+
+def _vit(n, d, depth, r, *, attn=2, out_proj=True, mac=2, ratio=None, per_block=False):
+    h = int(d * (r if ratio is None else ratio))
+    linear = mac * n * d * 3 * d + (mac * n * d * d if out_proj else 0) + 2 * mac * n * d * h
+    return (1 if per_block else depth) * (linear + attn * mac * n * n * d)
+
+
+def _delta(x, bits, group, *, clamp=False, fp16=True, original=False, chain=False):
+    qmax = 2 ** (bits - 1) - 1
+    step = (x.abs().amax(1) / qmax).clamp_min(1e-8)
+    if fp16:
+        step = step.half().float().clamp_min(2 ** -24)
+    x_hat = torch.empty_like(x)
+    for t in range(x.shape[0]):
+        src = x if original else x_hat
+        ref = 0.0 if t % group == 0 else src[t - 1 if chain else t - t % group]
+        q = torch.round((x[t] - ref) / step[t])
+        x_hat[t] = ref + (q.clamp(-qmax - 1, qmax) if clamp else q) * step[t]
+    return x_hat
+
+
+TOKENS = [
+    ("check_crop_density", lambda *a: _density(*a, self_count=True), "counted among its own"),
+    ("check_crop_density", lambda *a: _density(*a, ge_sim=True), "use >, not >="),
+    ("check_crop_density", lambda *a: _density(*a, ge_count=True), "needs more than that"),
+    ("check_crop_density", lambda *a: _density(*a, cosine=False), "normalize the keys"),
+    ("check_crop_density", lambda *a: _density(*a, of_t=True), "\\(T - 1\\)"),
+    ("check_crop_density", lambda *a: _density(*a, flip=True), "redundant fraction"),
+    ("check_topk_fuse", lambda x, a, k: _topk(x, a, k, order=False), "original order"),
+    ("check_topk_fuse", lambda x, a, k: _topk(x, a, k, fuse="all"), "\\*all\\* tokens"),
+    ("check_topk_fuse", lambda x, a, k: _topk(x, a, k, fuse="unweighted"), "unweighted mean"),
+    ("check_tome_step", lambda *a: _tome(*a, weighted=False), "size-weighted sum"),
+    ("check_tome_step", lambda *a: _tome(*a, most=False), "least\\* similar"),
+    ("check_tome_step", lambda *a: _tome(*a, a_even=False), "even positions"),
+    ("check_vit_flops", lambda *a: _vit(*a, attn=1), "two products"),
+    ("check_vit_flops", lambda *a: _vit(*a, mac=1), "counts 2 FLOPs"),
+    ("check_vit_flops", lambda *a: _vit(*a, out_proj=False), "output projection"),
+    ("check_vit_flops", lambda *a: _vit(*a, ratio=4.0), "use mlp_ratio"),
+    ("check_vit_flops", lambda *a: _vit(*a, per_block=True), "multiply by depth"),
+    ("check_delta_quantize", lambda *a: _delta(*a, original=True), "reconstructed\\* anchor"),
+    ("check_delta_quantize", lambda *a: _delta(*a, clamp=True), "do not clamp"),
+    ("check_delta_quantize", lambda *a: _delta(*a, fp16=False), "fp16"),
+    ("check_delta_quantize", lambda *a: _delta(*a, chain=True), "group's anchor"),
+]
+
+
+# ============================================================================== measuring
+def _timer(fn, device, *, warmup=3, repeat=10, sync_before=True, sync_after=True, reduce=statistics.median,
+           scale=1e3, per_call=True):
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeat):
+        if sync_before:
+            device.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if sync_after:
+            device.synchronize()
+        times.append((time.perf_counter() - t0) * scale)
+    return reduce(times) if per_call else sum(times)
+
+
+def _loop_timer(fn, device, repeat=10):  # a mean over a loop, synchronized only at the end
+    t0 = time.perf_counter()
+    for _ in range(repeat):
+        fn()
+    device.synchronize()
+    return (time.perf_counter() - t0) * 1e3 / repeat
+
+
+def _event_timer(fn, device, *, warmup=3, repeat=10):  # CUDA-style events
+    for _ in range(warmup):
+        fn()
+    pairs = []
+    for _ in range(repeat):
+        start, end = device.Event(enable_timing=True), device.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        pairs.append((start, end))
+    device.synchronize()
+    return statistics.median(s.elapsed_time(e) for s, e in pairs)
+
+
+MEASURING = [
+    ("check_async_timer", _loop_timer, "first call"),
+    # a median-only timer: each trap alone must make it fail
+    ("check_async_timer", lambda fn, dev: _timer(fn, dev, warmup=0), "warm up"),
+    ("check_async_timer", lambda fn, dev: _timer(fn, dev, sync_before=False), "earlier work"),
+    ("check_async_timer", lambda fn, dev: _timer(fn, dev, warmup=0, sync_before=False), "first call|earlier work"),
+    ("check_async_timer", lambda fn, dev: _event_timer(fn, dev, warmup=0), "warm up"),
+    ("check_async_timer", lambda fn, dev: _timer(fn, dev, sync_after=False), "timed the launch"),
+    ("check_async_timer", lambda fn, dev: _timer(fn, dev, scale=1.0), "seconds"),
+    ("check_async_timer", lambda fn, dev: _timer(fn, dev, per_call=False), "divide by the number of calls"),
+    ("check_matmul_intensity", lambda m, n, k, e: 2 * m * n * k / (m * k + k * n + m * n), None),
+    ("check_matmul_intensity", lambda m, n, k, e: m * n * k / ((m * k + k * n + m * n) * e), None),
+    ("check_roofline_time", lambda f, b, p, w: f / p + b / w, None),
+    ("check_roofline_time", lambda f, b, p, w: f / p, None),
+    ("check_attention_layer_flops", lambda b, n, d: 4 * b * n * n * d, None),
+    ("check_attention_layer_flops", lambda b, n, d: 8 * b * n * d * d + 2 * b * n * n * d, None),
+    ("check_find_bottleneck", lambda stages: (next(iter(stages)), 1.0), None),
+]
+
+MISTAKES = {"attention": ATTENTION, "distill": DISTILL, "tokens": TOKENS, "measuring": MEASURING}
+CASES = [pytest.param(ch, *m, id=f"{ch}-{m[0]}-{i}") for ch, ms in MISTAKES.items() for i, m in enumerate(ms)]
+
+
+@pytest.mark.parametrize("chapter, name, wrong, match", CASES)
+def test_check_rejects_a_plausible_mistake_and_says_which(chapter, name, wrong, match):
+    _reject(chapter, name, wrong, match)
+
+
+@pytest.mark.parametrize("chapter", sorted(MISTAKES))
+def test_every_exercise_gets_at_least_three_mistakes(chapter):
+    """The mistake the exercise is about and at least two more, for every check the grader scores."""
+    from collections import Counter
+
+    counts = Counter(m[0] for m in MISTAKES[chapter])
+    wanted = chapters.module(chapter, "checks").__all__
+    assert set(counts) == set(wanted), set(wanted) ^ set(counts)
+    if chapter != "measuring":  # the measuring chapter's other checks are being rewritten alongside
+        assert min(counts.values()) >= 3, counts
+
+
+# ============================================================================== the library's own answer
+def _copy(obj):
+    """A pasted copy of a library function: the same source, defined outside the library (as in a
+    notebook), under another name."""
+    fn = getattr(obj, "__func__", obj)
+    src = textwrap.dedent(inspect.getsource(fn))
+    src = src.replace(f"def {fn.__name__}(", "def pasted(", 1)
+    namespace = dict(inspect.getmodule(fn).__dict__)
+    namespace["__name__"] = "notebook"
+    filename = f"<pasted {fn.__qualname__}>"  # IPython keeps each cell's source like this
+    linecache.cache[filename] = (len(src), None, src.splitlines(True), filename)
+    exec(compile(src, filename, "exec"), namespace)
+    return namespace["pasted"]
+
+
+ANSWERED = [pytest.param(ch, name, id=f"{ch}-{name}") for ch in sorted(MISTAKES)
+            for name in chapters.module(ch, "checks").__all__]
+
+
+@pytest.mark.parametrize("chapter, name", ANSWERED)
+def test_check_refuses_the_library_answer(chapter, name):
+    """The answer itself, a copy of its code, and a function that calls it all fail, saying why."""
+    check = getattr(chapters.module(chapter, "checks"), name)
+    paths = answer_paths(check)
+    if not paths:  # no library function answers it: any library function is refused
+        from effdl.measure import benchmark
+
+        _reject(chapter, name, benchmark, "function of the library")
+        return
+    answer = resolve(paths[0])
+    _reject(chapter, name, answer, "library's own")
+    _reject(chapter, name, _copy(answer), "same code as the library's")
+    calls = f"def calls(*args):\n    return {answer.__qualname__}(*args)\n"
+    namespace = {"__name__": "notebook", answer.__qualname__.split(".")[0]:
+                 getattr(inspect.getmodule(answer), answer.__qualname__.split(".")[0])}
+    exec(calls, namespace)
+    _reject(chapter, name, namespace["calls"], "calls the library's|library's own")
+
+
+def test_every_check_declares_its_answers():
+    """``REVEALS`` names a check of the chapter, and every path resolves to a library function."""
+    for chapter in sorted(MISTAKES):
+        module = chapters.module(chapter, "checks")
+        assert set(module.REVEALS) == set(module.__all__), chapter
+        for paths in module.REVEALS.values():
+            for p in paths:
+                obj = resolve(p)
+                assert callable(obj) and obj.__module__.startswith("effdl."), p
+
+
+def test_a_short_answer_written_the_same_way_is_not_refused():
+    """A two-line answer an honest student may write exactly like the library (without its comments)
+    passes; pasted with its comments, it is refused."""
+    from effdl.distill import checks
+
+    def mine(f, t):
+        phase = f @ t.T
+        return phase.cos().mean(-2), phase.sin().mean(-2)
+
+    checks.check_empirical_cf(mine)
+    with pytest.raises(ExerciseFailed, match="same code"):
+        checks.check_empirical_cf(_copy(resolve("effdl.distill.cf.empirical_cf")))
+
+
+def test_the_correct_variants_pass():
+    """The helpers above with no mistake switched on are correct: the failures come from the mistakes."""
+    from effdl.attention import checks as a
+    from effdl.tokens import checks as t
+
+    a.check_online_softmax(lambda x, block: _softmax(x, block))
+    a.check_merge_states(lambda *s: _merge(*s))
+    a.check_causal_tile_plan(lambda *args: _plan(*args))
+    a.check_tile_sizes(lambda M, d: _tiles(M, d))
+    a.check_split_kv_merge(lambda o, s: _split_merge(o, s))
+    t.check_crop_density(lambda *args: _density(*args))
+    t.check_topk_fuse(lambda x, a_, k: _topk(x, a_, k))
+    t.check_tome_step(lambda *args: _tome(*args))
+    t.check_vit_flops(lambda *args: _vit(*args))
+    t.check_delta_quantize(lambda *args: _delta(*args))
+    from effdl.distill import checks as dc
+    from effdl.measuring import checks as mc
+
+    dc.check_empirical_cf(lambda f, t_: _ecf(f, t_))
+    dc.check_amplitude_phase(lambda fr, fs, t_: _amp_phase(fr, fs, t_))
+    dc.check_herding(lambda f, k: _herding(f, k))
+    dc.check_minmax_step(lambda *args: _minmax(*args))
+    mc.check_async_timer(lambda fn, dev: _timer(fn, dev))
+    mc.check_async_timer(lambda fn, dev: _event_timer(fn, dev))
+
+
+def test_a_vectorized_one_pass_softmax_passes():
+    """Blocks reduced side by side (padded and reshaped) and their states merged is one pass too."""
+    from effdl.attention import checks
+
+    def vectorized(x, block):
+        pad = (-x.shape[-1]) % block
+        xb = F.pad(x, (0, pad), value=float("-inf")).unflatten(-1, (-1, block))
+        mb = xb.amax(-1)
+        lb = torch.exp(xb - mb[..., None]).sum(-1)
+        m = mb.amax(-1)
+        l = (lb * torch.exp(mb - m[..., None])).sum(-1)
+        return torch.exp(x - m[..., None]) / l[..., None]
+
+    checks.check_online_softmax(vectorized)
