@@ -366,6 +366,21 @@ def _event_timer(fn, device, *, warmup=3, repeat=10):  # CUDA-style events
     return statistics.median(s.elapsed_time(e) for s, e in pairs)
 
 
+def _bottleneck(stages, *, warmup=1, repeat=3, percent=False):
+    """Times every stage (after ``warmup`` calls); the slowest and its share of the total."""
+    ms = {}
+    for name, stage in stages.items():
+        for _ in range(warmup):
+            stage()
+        t0 = time.perf_counter()
+        for _ in range(repeat):
+            stage()
+        ms[name] = (time.perf_counter() - t0) / repeat
+    name = max(ms, key=ms.get)
+    share = ms[name] / sum(ms.values())
+    return name, 100 * share if percent else share
+
+
 MEASURING = [
     ("check_async_timer", _loop_timer, "first call"),
     # a median-only timer: each trap alone must make it fail
@@ -383,6 +398,12 @@ MEASURING = [
     ("check_attention_layer_flops", lambda b, n, d: 4 * b * n * n * d, None),
     ("check_attention_layer_flops", lambda b, n, d: 8 * b * n * d * d + 2 * b * n * n * d, None),
     ("check_find_bottleneck", lambda stages: (next(iter(stages)), 1.0), None),
+    ("check_matmul_intensity", lambda m, n, k, e: 2 * m * n * k / ((m * k + k * n) * e), None),  # no output
+    ("check_roofline_time", lambda f, b, p, w: min(f / p, b / w), None),
+    ("check_attention_layer_flops", lambda b, n, d: 4 * b * n * d * d + 2 * b * n * n * d, None),  # MAC = 1
+    ("check_attention_layer_flops", lambda b, n, d: 6 * b * n * d * d + 4 * b * n * n * d, None),  # no W_out
+    ("check_find_bottleneck", lambda stages: _bottleneck(stages, warmup=0), "first call"),
+    ("check_find_bottleneck", lambda stages: _bottleneck(stages, percent=True), "share"),
 ]
 
 MISTAKES = {"attention": ATTENTION, "distill": DISTILL, "tokens": TOKENS, "measuring": MEASURING}
@@ -402,8 +423,7 @@ def test_every_exercise_gets_at_least_three_mistakes(chapter):
     counts = Counter(m[0] for m in MISTAKES[chapter])
     wanted = chapters.module(chapter, "checks").__all__
     assert set(counts) == set(wanted), set(wanted) ^ set(counts)
-    if chapter != "measuring":  # the measuring chapter's other checks are being rewritten alongside
-        assert min(counts.values()) >= 3, counts
+    assert min(counts.values()) >= 3, counts
 
 
 # ============================================================================== the library's own answer
