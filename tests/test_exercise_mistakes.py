@@ -366,6 +366,12 @@ def _event_timer(fn, device, *, warmup=3, repeat=10):  # CUDA-style events
     return statistics.median(s.elapsed_time(e) for s, e in pairs)
 
 
+def _read(events, **mistake):
+    from test_exercise_trace import _read as read  # a student's read_profile with one mistake
+
+    return read(events, **mistake)
+
+
 def _bottleneck(stages, *, warmup=1, repeat=3, percent=False):
     """Times every stage (after ``warmup`` calls); the slowest and its share of the total."""
     ms = {}
@@ -404,6 +410,10 @@ MEASURING = [
     ("check_attention_layer_flops", lambda b, n, d: 6 * b * n * d * d + 4 * b * n * n * d, None),  # no W_out
     ("check_find_bottleneck", lambda stages: _bottleneck(stages, warmup=0), "first call"),
     ("check_find_bottleneck", lambda stages: _bottleneck(stages, percent=True), "share"),
+    ("check_read_profile", lambda ev: _read(ev, self_time=False), "largest total time"),
+    ("check_read_profile", lambda ev: _read(ev, nested_cover=True), "nested ones too"),
+    ("check_read_profile", lambda ev: _read(ev, main_only=False), "read the main thread only"),
+    ("check_read_profile", lambda ev: _read(ev, scale=1e9), "not a fraction"),
 ]
 
 MISTAKES = {"attention": ATTENTION, "distill": DISTILL, "tokens": TOKENS, "measuring": MEASURING}

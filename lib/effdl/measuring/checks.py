@@ -21,7 +21,7 @@ def _f64(x) -> torch.Tensor:
 
 __all__ = [
     "check_async_timer", "check_matmul_intensity", "check_roofline_time", "check_attention_layer_flops",
-    "check_find_bottleneck",
+    "check_find_bottleneck", "check_read_profile",
 ]
 
 #: the library functions that answer each check: refused as answers, and held back in the student
@@ -32,6 +32,7 @@ REVEALS = {
     "check_roofline_time": ["effdl.measuring.roofline.Roofline.predict_seconds"],
     "check_attention_layer_flops": ["effdl.measuring.roofline.attention_layer_flops"],
     "check_find_bottleneck": [],
+    "check_read_profile": ["effdl.measuring.profiling.read_profile", "effdl.measuring.profiling.self_times"],
 }
 
 #: the host clocks a timer may read (in the time module, or imported from it by name)
@@ -262,3 +263,148 @@ def check_find_bottleneck(student) -> None:
             f"{name!r} {steady.get(name, '?')} ms (did a one-off first call fool you? warm up first)")
     require(abs(float(share) - want_share) < 0.2,
             f"share {share:.2f} of the total, expected about {want_share:.2f} (its time over the sum of all stages)")
+
+
+
+# ------------------------------------------------------------------------------ read a profile
+#: synthetic traces with answers worked out by hand: (what it tests, events as (name, ts, dur, tid) in ns,
+#: the bottleneck, the idle fraction)
+_TRACES = [
+    ("nested operators, a second thread",
+     [("load_batch", 0, 5000, 1), ("aten::stack", 4000, 800, 1),
+      ("model", 6000, 10000, 1), ("forward", 6000, 3000, 1), ("aten::addmm", 6100, 2800, 1),
+      ("backward", 9500, 6000, 1), ("aten::mm", 9600, 2400, 1),
+      ("log_metrics", 10000, 7000, 2), ("aten::_linalg_svd", 10100, 6800, 2),
+      ("aten::mm", 12100, 3300, 1), ("aten::item", 18000, 500, 1)],
+     # self: mm 2400 + 3300, load_batch 5000 - 800, model 10000 - 3000 - 6000; the rest is smaller
+     "aten::mm", 3000 / 18500),
+    ("many small calls, a wait, a helper thread with a smaller id",
+     [("load_batch", 0, 6000, 7)]
+     + [("aten::copy_", 200 + 500 * i, 400, 7) for i in range(10)]
+     + [("pin_memory", 1000, 17000, 3), ("aten::_pin_memory", 1100, 15900, 3),
+        ("forward", 8000, 3000, 7), ("aten::addmm", 8200, 2800, 7),
+        ("backward", 12000, 3000, 7), ("aten::mm", 12500, 2000, 7), ("aten::add_", 14500, 400, 7),
+        ("aten::item", 20000, 100, 7)],
+     # self: copy_ 10 x 400, addmm 2800, load_batch 6000 - 4000, mm 2000; gaps 6000-8000, 11000-12000,
+     # 15000-20000 in a span of 20100
+     "aten::copy_", 8000 / 20100),
+]
+
+
+def _trace(rows: list) -> list[dict]:
+    """Events as the exercise gives them: dicts sorted by start, longest first among equal starts."""
+    events = [dict(name=n, ts=ts, dur=dur, tid=tid) for n, ts, dur, tid in rows]
+    return sorted(events, key=lambda e: (e["ts"], -e["dur"]))
+
+
+def _top_level(events: list, tid: int) -> list[dict]:
+    """The events of thread ``tid`` nested in no other event of that thread."""
+    from effdl.measuring.profiling import _nest
+
+    return [e for e, parent in _nest(events, tid) if parent is None]
+
+
+def _mistakes(events: list) -> tuple[dict[str, list[str]], list[tuple[float, str]]]:
+    """What the plausible mistakes answer on ``events``: (bottleneck name -> mistakes giving it,
+    [(idle value, mistake)])."""
+    from effdl.measuring.profiling import _nest, main_thread, self_times
+
+    tid = main_thread(events)
+    tids = sorted({e["tid"] for e in events})
+    mine = [e for e in events if e["tid"] == tid]
+    start, end = min(e["ts"] for e in mine), max(e["ts"] + e["dur"] for e in mine)
+    span = end - start
+    by_name: dict[str, list[str]] = {}
+
+    def named(totals: dict, why: str) -> None:
+        by_name.setdefault(max(totals, key=totals.get), []).append(why)
+
+    total: dict[str, int] = {}
+    for e in mine:
+        total[e["name"]] = total.get(e["name"], 0) + e["dur"]
+    named(total, "that name has the largest total time (duration with its children's time inside): the "
+                 "bottleneck is the largest self time, an event's duration minus its children's")
+    for t in tids:
+        if t != tid:
+            named(self_times(events, t), f"that is the bottleneck of thread {t}; the main thread is the thread "
+                                         f"of the first event, thread {tid} here")
+    every: dict[str, int] = {}
+    for t in tids:
+        for k, v in self_times(events, t).items():
+            every[k] = every.get(k, 0) + v
+    named(every, "that name wins when every thread counts: read the main thread only (the thread of the "
+                 "first event), other threads run alongside it")
+    single: dict[str, int] = {}
+    tree = _nest(events, tid)
+    own = [e["dur"] for e, _ in tree]
+    for e, parent in tree:
+        if parent is not None:
+            own[parent] -= e["dur"]
+    for (e, _), t in zip(tree, own):
+        single[e["name"]] = max(single.get(e["name"], 0), t)
+    named(single, "that name has the largest self time of a single event: add up the self times of all "
+                  "the events with the same name")
+
+    busy = sum(e["dur"] for e in _top_level(events, tid))
+    idle = (span - busy) / span
+    idles = [(1 - sum(e["dur"] for e in mine) / span,
+              "you added up every event's duration, nested ones too: an operator inside a region is "
+              "counted twice; only the top-level events (nested in no other) cover the thread"),
+             (max(0.0, 1 - sum(e["dur"] for e in mine) / span),
+              "you added up every event's duration, nested ones too (and clipped at 0): only the "
+              "top-level events (nested in no other) cover the thread")]
+    t0 = min(e["ts"] for e in events)
+    t1 = max(e["ts"] + e["dur"] for e in events)
+    spans = sorted((e["ts"], e["ts"] + e["dur"]) for t in tids for e in _top_level(events, t))
+    union, reach = 0, t0
+    for a, b in spans:
+        if b > reach:
+            union += b - max(a, reach)
+            reach = b
+    for value in ((span - union) / span, (t1 - t0 - union) / (t1 - t0),
+                  1 - sum(b - a for a, b in spans) / span, max(0.0, 1 - sum(b - a for a, b in spans) / span)):
+        idles.append((value, "other threads' events filled the main thread's gaps: the idle fraction is "
+                             "of the main thread alone (the thread of the first event)"))
+    for scale, unit in ((1, "nanoseconds"), (1e3, "microseconds"), (1e6, "milliseconds"), (1e9, "seconds")):
+        idles.append(((span - busy) / scale, f"that is the idle time in {unit}, not a fraction: divide by "
+                                             "the span, from the first event's start to the last one's end"))
+    idles.append((100 * idle, "that is a percentage: return a fraction between 0 and 1"))
+    idles.append((1 - idle, "that is the busy fraction: the idle fraction is the part no top-level event covers"))
+    return by_name, idles
+
+
+def _judge_profile(got, events: list, what: str) -> None:
+    from effdl.measuring.profiling import main_thread, read_profile, self_times
+
+    want_name, want_idle = read_profile(events)
+    require(isinstance(got, (tuple, list)) and len(got) == 2,
+            f"{what}: return (bottleneck name, idle fraction), got {got!r}"[:300])
+    name, idle = got
+    require(isinstance(name, str), f"{what}: the bottleneck is an event's name (a str), got {name!r}"[:300])
+    by_name, idles = _mistakes(events)
+    own = self_times(events, main_thread(events))
+    if name != want_name:
+        why = by_name.get(name, [])
+        hint = f" ({'; '.join(why)})" if why else ""
+        mine = f"self time {own[name]} ns" if name in own else "no event of the main thread"
+        raise AssertionError(f"{what}: you named {name!r} ({mine}); the largest self time on the main thread "
+                             f"is that of {want_name!r}, {own[want_name]} ns in all{hint}")
+    value = float(_f64(idle))
+    if abs(value - want_idle) > 1e-6:
+        why = [w for v, w in idles if abs(value - v) <= 1e-6 * max(1.0, abs(v))]
+        hint = f" ({why[0]})" if why else ""
+        raise AssertionError(f"{what}: idle fraction {value:.6g}, expected {want_idle:.6f}{hint}")
+
+
+@exercise_check(student="read_profile")
+def check_read_profile(student) -> None:
+    """``read_profile(events) -> (name, idle)``: the main thread's largest self time, and its idle share."""
+    from effdl.measuring.profiling import SLOW_STEP_TRACE, complete_events, read_profile
+
+    for what, rows, name, idle in _TRACES:
+        events = _trace(rows)
+        got_name, got_idle = read_profile(events)
+        require(got_name == name and abs(got_idle - idle) < 1e-12, f"internal: the reference disagrees on {what}")
+        _judge_profile(student([dict(e) for e in events]), events, f"synthetic trace ({what})")
+    events = complete_events(SLOW_STEP_TRACE)
+    _judge_profile(student([dict(e) for e in events]), events, f"the recorded trace {SLOW_STEP_TRACE.name}")

@@ -9,7 +9,10 @@ a timeline.  This module
 - profiles a few steps of it: :func:`profile_step`, and tabulates the operators: :func:`op_table`;
 - reads an exported trace back (:func:`trace_events`), finds the steps in it
   (:func:`step_windows`), measures how much of a step a lane is idle (:func:`idle_fraction`),
-  sums a step's phases (:func:`step_phases`) and draws the timeline (:func:`plot_timeline`).
+  sums a step's phases (:func:`step_phases`) and draws the timeline (:func:`plot_timeline`);
+- records the small trace the exercise "Read a profile" reads (:func:`record_slow_step`, shipped
+  as :data:`SLOW_STEP_TRACE`), turns a trace into plain events (:func:`complete_events`) and
+  answers the exercise (:func:`self_times`, :func:`read_profile`).
 """
 
 from __future__ import annotations
@@ -18,8 +21,13 @@ import base64
 import functools
 import gzip
 import json
+import os
+import platform
+import random
+import threading
 import warnings
 from collections.abc import Callable, Sequence
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +41,8 @@ __all__ = [
     "make_training_step", "sgd_step", "profile_step", "op_table", "export_trace", "trace_events",
     "step_windows", "lanes", "idle_fraction", "step_phases", "op_durations",
     "plot_timeline", "short_name", "download_link",
+    "SLOW_STEP_TRACE", "record_slow_step", "complete_events", "main_thread", "self_times",
+    "read_profile",
 ]
 
 #: trace categories that are work (an operator on a CPU thread, a kernel or copy on a GPU),
@@ -214,11 +224,13 @@ def export_trace(prof, path: str | Path) -> Path:
     return path
 
 
-def _load(path: str | Path) -> dict:
+def _load(path: str | Path, *, exact: bool = False) -> dict:
+    """The trace as a dict; ``exact``: fractional numbers as ``Decimal`` (a time stamp in µs since
+    1970 has more digits than a float keeps below the microsecond)."""
     raw = Path(path).read_bytes()
     if raw[:2] == b"\x1f\x8b":  # gzip's magic number
         raw = gzip.decompress(raw)
-    doc = json.loads(raw)
+    doc = json.loads(raw, parse_float=Decimal if exact else float)
     return doc if isinstance(doc, dict) else {"traceEvents": doc}
 
 
@@ -387,3 +399,186 @@ def download_link(path: str | Path, text: str | None = None):
     label = text or f"download {path.name} ({path.stat().st_size / 1024:.0f} KiB)"
     return HTML(f'<a download="{path.name}" href="data:{kind};base64,{data}">{label}</a>')
 
+
+
+# ------------------------------------------------------------------------------ reading a trace by hand
+#: the trace of the exercise "Read a profile": one training step with a slow, Python-heavy data stage,
+#: recorded by :func:`record_slow_step` (how, when and where: the trace's ``effdl`` entry)
+SLOW_STEP_TRACE = Path(__file__).resolve().parent / "data" / "slow_step_trace.json.gz"
+
+
+def record_slow_step(path: str | Path = SLOW_STEP_TRACE, *, batch: int = 128, features: int = 48,
+                     width: int = 256, depth: int = 3, threads: int = 1, warmup: int = 3,
+                     seed: int = 0, note: str = "") -> Path:
+    """Record one training step whose data stage is slow, and write its Chrome trace to ``path``.
+
+    The step: ``load_batch`` builds the batch one sample at a time in Python (each sample's list
+    of floats normalized and jittered, as a hand-written ``Dataset.__getitem__`` does), then one
+    ``torch.tensor`` call; ``model`` holds ``forward``, ``backward`` and the SGD step (momentum,
+    weight decay) of an MLP.  A ``log_metrics`` thread, started after the forward pass, computes
+    the batch's accuracy and the weights' largest spectral norm (an SVD per layer); the step waits
+    for it, then reads the loss and the metrics (``aten::item``).
+
+    ``warmup`` steps run unrecorded first, all with ``threads`` intra-op threads (one: the main
+    thread and the logging thread then each keep a core of a two-core machine).  The profiler
+    records CPU operators on every thread, without shapes (a small file).  The trace's ``effdl``
+    entry says how it was recorded, with ``note`` (say there which of several recordings you kept
+    and why: a shared machine's timings vary from one to the next).
+    """
+    from torch.profiler import record_function
+
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    rows = [[rng.gauss(0.5, 2.0) for _ in range(features)] for _ in range(8 * batch)]  # parsed records
+    labels = [rng.randrange(10) for _ in rows]
+    model = make_mlp(width, depth, n_in=features, seed=seed)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+    history: list[float] = []
+
+    def load_batch():
+        with record_function("load_batch"):
+            picked = rng.sample(range(len(rows)), batch)
+            samples = []
+            for i in picked:  # the slow stage: Python work per sample, per feature
+                row = rows[i]
+                mean = sum(row) / len(row)
+                std = (sum((v - mean) ** 2 for v in row) / len(row)) ** 0.5
+                samples.append([(v - mean) / std + rng.gauss(0.0, 0.01) for v in row])
+            return torch.tensor(samples), torch.tensor([labels[i] for i in picked])
+
+    def log_metrics(logits, y, out):
+        torch.set_num_threads(threads)  # why: a new thread would start a pool as large as the machine
+        with record_function("log_metrics"):
+            out["accuracy"] = (logits.argmax(1) == y).float().mean()
+            weights = [p.detach() for p in model.parameters() if p.dim() == 2]
+            out["spectral_norm"] = max(torch.linalg.matrix_norm(w, ord=2) for w in weights)
+
+    def step():
+        x, y = load_batch()
+        with record_function("model"):
+            with record_function("forward"):
+                logits = model(x)
+                loss = F.cross_entropy(logits, y)
+            metrics: dict = {}
+            logger = threading.Thread(target=log_metrics, args=(logits.detach(), y, metrics))
+            logger.start()
+            opt.zero_grad(set_to_none=True)
+            with record_function("backward"):
+                loss.backward()
+            opt.step()
+        logger.join()  # the main thread waits for the logging thread
+        history.append(loss.item())
+        return {k: float(v) for k, v in metrics.items()}
+
+    saved_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for _ in range(warmup):
+            step()
+        prof = _profile_all_threads(step)
+    finally:
+        torch.set_num_threads(saved_threads)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp.json")
+    prof.export_chrome_trace(str(tmp))
+    doc = json.loads(tmp.read_text())
+    tmp.unlink()
+    doc["effdl"] = {
+        "recorded_by": "effdl.measuring.profiling.record_slow_step",
+        "arguments": dict(batch=batch, features=features, width=width, depth=depth, threads=threads,
+                          warmup=warmup, seed=seed),
+        "what": "one SGD step of an MLP (torch.profiler, CPU operators on all threads, no shapes): "
+                "load_batch (Python work per sample, then torch.tensor), model (forward, backward, "
+                "SGD step), a log_metrics thread started after the forward pass, which the main "
+                "thread waits for before reading the loss and the metrics (aten::item)",
+        "torch": torch.__version__, "python": platform.python_version(),
+        "machine": f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPUs",
+        "note": note,
+    }
+    text = json.dumps(doc, separators=(",", ":")).encode()
+    path.write_bytes(gzip.compress(text, mtime=0) if path.suffix == ".gz" else text)
+    return path
+
+
+def _profile_all_threads(fn: Callable[[], Any]) -> torch.profiler.profile:
+    """``fn()`` under ``torch.profiler``, CPU operators of every thread recorded (no shapes)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    kwargs: dict[str, Any] = {}
+    try:  # why: without it the profiler records only the thread that started it
+        from torch._C._profiler import _ExperimentalConfig
+
+        kwargs["experimental_config"] = _ExperimentalConfig(profile_all_threads=True)
+    except (ImportError, TypeError):  # an older torch: other threads are left out
+        pass
+    with warnings.catch_warnings(), _quiet_stderr_fd():
+        warnings.simplefilter("ignore")
+        with profile(activities=[ProfilerActivity.CPU], record_shapes=False, **kwargs) as prof:
+            fn()
+    return prof
+
+
+def complete_events(path: str | Path = SLOW_STEP_TRACE) -> list[dict]:
+    """The complete events (``"ph": "X"``) of a Chrome trace's CPU threads, as plain data.
+
+    Each event: ``name``, ``tid`` (the thread), ``ts`` (start, ns since the earliest event) and
+    ``dur`` (ns), both integers, so that sums and comparisons are exact.  Sorted by start, longest
+    first among events that start together: a parent comes before the events nested in it.
+    """
+    events = [e for e in _load(path, exact=True).get("traceEvents", [])
+              if e.get("ph") == "X" and "dur" in e and e.get("cat") not in GPU_CATEGORIES
+              and isinstance(e.get("pid"), int) and isinstance(e.get("tid"), int)]
+    if not events:
+        raise ValueError(f"{path}: no complete events on a CPU thread")
+    ns = [(int(Decimal(e["ts"]) * 1000), int(Decimal(e["dur"]) * 1000)) for e in events]
+    t0 = min(ts for ts, _ in ns)
+    out = [dict(name=str(e["name"]), ts=ts - t0, dur=dur, tid=e["tid"])
+           for e, (ts, dur) in zip(events, ns)]
+    return sorted(out, key=lambda e: (e["ts"], -e["dur"]))  # a stable sort: ties keep their order
+
+
+def main_thread(events: Sequence[dict]) -> int:
+    """The thread that ran the step: the ``tid`` of the earliest event."""
+    return min(events, key=lambda e: e["ts"])["tid"]
+
+
+def _nest(events: Sequence[dict], tid: int) -> list[tuple[dict, int | None]]:
+    """``(event, index of its parent or None)`` for the events of thread ``tid``, parents first.
+    An event's parent is the innermost event of the same thread that it starts inside."""
+    mine = sorted((e for e in events if e["tid"] == tid), key=lambda e: (e["ts"], -e["dur"]))
+    out: list[tuple[dict, int | None]] = []
+    open_: list[int] = []  # indices into out of the events that contain the current time
+    for e in mine:
+        while open_ and out[open_[-1]][0]["ts"] + out[open_[-1]][0]["dur"] <= e["ts"]:
+            open_.pop()
+        out.append((e, open_[-1] if open_ else None))
+        open_.append(len(out) - 1)
+    return out
+
+
+def self_times(events: Sequence[dict], tid: int) -> dict[str, int]:
+    """Self time (ns) of each name on thread ``tid``, summed over its events: an event's ``dur``
+    minus the ``dur`` of its children (the events nested directly inside it, same thread)."""
+    tree = _nest(events, tid)
+    own = [e["dur"] for e, _ in tree]
+    for e, parent in tree:
+        if parent is not None:
+            own[parent] -= e["dur"]
+    total: dict[str, int] = {}
+    for (e, _), t in zip(tree, own):
+        total[e["name"]] = total.get(e["name"], 0) + t
+    return total
+
+
+def read_profile(events: Sequence[dict]) -> tuple[str, float]:
+    """``(bottleneck, idle)`` of the main thread (:func:`main_thread`): the name with the largest
+    summed self time (:func:`self_times`), and the share of the thread's wall span (first start to
+    last end) that no top-level event covers."""
+    tid = main_thread(events)
+    own = self_times(events, tid)
+    tree = _nest(events, tid)
+    start = min(e["ts"] for e, _ in tree)
+    span = max(e["ts"] + e["dur"] for e, _ in tree) - start
+    busy = sum(e["dur"] for e, parent in tree if parent is None)
+    return max(own, key=own.get), 1.0 - busy / span if span else 0.0
