@@ -363,7 +363,7 @@ def plot_timeline(events: Sequence[dict], window: tuple[float, float] | None = N
     import matplotlib.pyplot as plt
 
     t0, t1 = window or (0.0, max(e["ts"] + e["dur"] for e in events))
-    ax = ax or plt.subplots(figsize=(10, 3.6))[1]
+    ax = ax or plt.subplots(figsize=(9, 4.2))[1]
     shown = [e for e in events if not e["name"].startswith("ProfilerStep")]
     rows, row_h = lanes(shown), 1.0 / (max_depth + 1)
     colors = {"user_annotation": "0.75", "cpu_op": "C0", "kernel": "C2"}
@@ -377,11 +377,11 @@ def plot_timeline(events: Sequence[dict], window: tuple[float, float] | None = N
             ((a - t0) / 1e3, (b - a) / 1e3))
         if b - a > label_min * (t1 - t0):
             ax.text((a + b - 2 * t0) / 2e3, y + row_h * 0.45, short_name(e["name"]),
-                    ha="center", va="center", fontsize=7, clip_on=True)
+                    ha="center", va="center", fontsize=9, clip_on=True)
     for (y, color), spans in bars.items():
         ax.broken_barh(spans, (y, row_h * 0.9), color=color, edgecolor="white",
                        linewidth=0.3)
-    ax.set_yticks([i + 0.5 for i in range(len(rows))], rows, fontsize=8)
+    ax.set_yticks([i + 0.5 for i in range(len(rows))], rows, fontsize=9)
     ax.set_ylim(len(rows), 0)  # first lane on top, nested events below their parents
     ax.set_xlim(0, (t1 - t0) / 1e3)
     ax.set_xlabel("time since the start of the window (ms)")
