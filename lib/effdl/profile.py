@@ -59,9 +59,31 @@ def sizes(chapter: str, profile: str | None = None):
     if missing:
         raise ValueError(f"effdl.{chapter}.sizes.SIZES has no {missing[0]!r} entry; give it one per profile "
                          f"({', '.join(PROFILES)})")
-    if name == "smoke" and simulated_gpu():
-        return gpu_shaped(table["gpu"], table["smoke"])
-    return table[name]
+    S = gpu_shaped(table["gpu"], table["smoke"]) if name == "smoke" and simulated_gpu() else table[name]
+    _show_wrapped(type(S))
+    return S
+
+
+def format_sizes(S, width: int = 88) -> str:
+    """``S`` as its dataclass repr, wrapped to ``width`` columns (the page's code column)."""
+    import textwrap
+    from dataclasses import fields
+
+    text = ", ".join(f"{f.name}={getattr(S, f.name)!r}" for f in fields(S))
+    return textwrap.fill(f"{type(S).__name__}({text})", width, subsequent_indent="    ",
+                         break_long_words=False, break_on_hyphens=False)
+
+
+def _show_wrapped(cls) -> None:
+    """In IPython, display a sizes table wrapped (a bare ``S`` at the end of a cell)."""
+    try:
+        from IPython import get_ipython
+    except ImportError:  # pragma: no cover - IPython is a dependency
+        return
+    ip = get_ipython()
+    if ip is not None:
+        ip.display_formatter.formatters["text/plain"].for_type(
+            cls, lambda obj, p, cycle: p.text(format_sizes(obj)))
 
 
 def gpu_shaped(gpu, smoke):
