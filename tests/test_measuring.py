@@ -643,6 +643,10 @@ def test_rank_by_time_marks_overlapping_ranges_as_ties():
             dict(batch=1024, seconds_to_target=0.30, seconds_min=0.20, seconds_max=0.40),
             dict(batch=4096, seconds_to_target=None)]
     assert rank_by_time(rows) == "16 ≈ 128 < 1024 < 4096 (not reached)"
+    chain = [dict(batch=128, seconds_to_target=0.12, seconds_min=0.10, seconds_max=0.15),
+             dict(batch=16, seconds_to_target=0.15, seconds_min=0.14, seconds_max=0.25),
+             dict(batch=1024, seconds_to_target=0.30, seconds_min=0.23, seconds_max=0.40)]
+    assert rank_by_time(chain) == "128 ≈ 16 ≈ 1024 (yet 128 < 1024: their ranges do not overlap)"
 
 
 def test_op_table_of_the_fastest_step(profiled_step):

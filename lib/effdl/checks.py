@@ -17,8 +17,8 @@ optimizer) are built on the student's side by a *driver* (see :func:`observe`), 
 returns what it observed, as data, to be judged here.
 
 Every check refuses the library's own answer.  A chapter's checks module declares which library
-functions answer each check, ``REVEALS = {"check_online_softmax": ["effdl.attention.softmax.
-online_softmax"], ...}``; :func:`judge` fails a student function that *is* one of them, is any
+functions answer each check, ``REVEALS = {"check_x": ["effdl.<chapter>.<module>.x"], ...}``
+(dotted paths); :func:`judge` fails a student function that *is* one of them, is any
 function of ``effdl``, has the same code (a pasted copy) or calls one of them.  The same mapping
 tells :mod:`effdl.student` which ``show_source(...)`` cells to hold back until after the check.
 """

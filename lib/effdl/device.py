@@ -127,7 +127,7 @@ def report(chapter: str | None = None) -> Capabilities:
     cuda = f", CUDA {torch.version.cuda}" if c.device == "cuda" and not c.simulated else ""
     print(f"effdl {__version__}, Python {platform.python_version()}, torch {torch.__version__}{cuda}")
     shaped = " (gpu-shaped: the gpu profile's settings at smoke sizes)" if c.simulated else ""
-    print(f"{c.threads} CPU threads, size profile: {current()}{shaped if current() == 'smoke' else ''}")
+    print(f"{c.threads} CPU threads, size setting: {current()}{shaped if current() == 'smoke' else ''}")
     if c.device == "cpu":
         print("no GPU: live results are measured on this CPU; GPU results, where a chapter has\n"
               "  them, come from recorded runs")

@@ -454,7 +454,8 @@ def tuned_time_to_result(batches, lrs, *, tune_seeds=(0, 1, 2), seeds=(3,),
 def rank_by_time(rows) -> str:
     """Batch sizes from the fastest to the slowest time to accuracy, e.g. ``"128 < 16"``;
     ``≈`` joins neighbours whose ranges over the seeds (``seconds_min``–``seconds_max``)
-    overlap, a tie the seeds cannot break; those that never reached it last, marked."""
+    overlap, a tie the seeds cannot break (a chain of ties whose ends do not overlap says so);
+    those that never reached it last, marked."""
     done = sorted((r for r in rows if r["seconds_to_target"] is not None),
                   key=lambda r: r["seconds_to_target"])
     out = ""
@@ -464,5 +465,10 @@ def rank_by_time(rows) -> str:
             hi = prev.get("seconds_max", prev["seconds_to_target"])
             out += " ≈ " if lo <= hi else " < "
         out += str(r["batch"])
+    if len(done) > 2 and " < " not in out:  # a chain of ties can still hold a clear pair
+        first, last = done[0], done[-1]
+        if first.get("seconds_max", first["seconds_to_target"]) < last.get(
+                "seconds_min", last["seconds_to_target"]):
+            out += f" (yet {first['batch']} < {last['batch']}: their ranges do not overlap)"
     failed = [f"{r['batch']} (not reached)" for r in rows if r["seconds_to_target"] is None]
     return " < ".join(([out] if out else []) + failed)

@@ -237,9 +237,9 @@ def peak_matmul(device=None, *, n: int = 1024, dtype: torch.dtype = torch.float3
     repeat: ``{"m": side, "ms": time, "flops": FLOP/s}``.
 
     Why the fastest and not the median: a peak is what the machine can do; on a shared
-    machine the slower repeats measure the neighbours.  Why several sizes: the largest is
-    not always the fastest (on a CPU a smaller one may stay in cache).  Kernels placed on
-    the roofline use the median.
+    machine the slower repeats measure the neighbours.  Why several sizes: the largest
+    is not always the fastest (on a CPU a smaller one may stay in cache).  Kernels
+    placed on the roofline use the median.
     """
     _check_pos(n=n)
     dev = resolve_device(device)
