@@ -168,7 +168,7 @@ def test_device_report(capsys):
 
     caps = report()
     out = capsys.readouterr().out
-    assert "device:" in out and "profile" in out
+    assert "device:" in out and "size setting" in out
     if not torch.cuda.is_available():
         assert caps.device == "cpu" and not caps.triton_gpu and not caps.bf16
 
