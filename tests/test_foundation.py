@@ -76,6 +76,20 @@ def test_table_json_roundtrip(tmp_path, capsys):
     assert json.loads((tmp_path / "r.json").read_text()) == json.loads(json.dumps(doc))
 
 
+def test_wide_table_is_printed_in_parts_that_fit_the_page():
+    """A table wider than the site's 88 columns comes in parts, each repeating the row's name."""
+    rows = [{"impl": f"impl-{i}", **{f"column_{c}": 123456.789 * c for c in range(12)}} for i in range(3)]
+    text = print_table(rows)
+    lines = text.splitlines()
+    assert max(map(len, lines)) <= 88
+    assert sum(line.split()[0] == "impl" for line in lines if line.strip()) >= 2
+    for c in range(12):                                     # every column is still printed once
+        assert sum(f"column_{c}" in line.split() for line in lines) == 1
+    assert all(f"impl-{i}" in text for i in range(3))
+    narrow = print_table(rows, ["impl", "column_1"])
+    assert "\n\n" not in narrow                                # a table that fits stays one block
+
+
 @pytest.mark.parametrize("exc, oom", [
     (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1 TiB"), True),
     (MemoryError(), True),

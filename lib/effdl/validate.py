@@ -8,8 +8,14 @@ import math
 import torch
 
 
-def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None) -> float:
-    """Validate SDPA-shaped ``q (..., Nq, d)``, ``k (..., Nk, d)``, ``v (..., Nk, dv)``; return the scale."""
+def check_qkv(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None, grouped: bool = False
+) -> float:
+    """Validate SDPA-shaped ``q (..., Nq, d)``, ``k (..., Nk, d)``, ``v (..., Nk, dv)``; return the scale.
+
+    ``grouped=True`` also accepts grouped-query K/V: ``q (B, H, Nq, d)`` with ``k, v (B, H_kv, Nk, d)``
+    where H_kv divides H (query head h reads K/V head h // (H // H_kv); H_kv = 1 is multi-query).
+    """
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -29,7 +35,15 @@ def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | 
         raise TypeError(f"q, k, v have different dtypes ({q.dtype}, {k.dtype}, {v.dtype}); cast them to one")
     if not (q.ndim == k.ndim == v.ndim):
         raise ValueError(f"q, k, v must have the same number of dimensions, got {q.ndim}, {k.ndim}, {v.ndim}")
-    if q.shape[:-2] != k.shape[:-2] or k.shape[:-2] != v.shape[:-2]:
+    if grouped and q.ndim >= 3 and k.shape[:-2] == v.shape[:-2] and q.shape[:-3] == k.shape[:-3]:
+        h, h_kv = q.shape[-3], k.shape[-3]
+        if h_kv < 1 or h % h_kv:
+            raise ValueError(
+                f"q has {h} heads but k and v have {h_kv}: grouped-query attention needs the number of "
+                f"K/V heads to divide the number of query heads (e.g. {h} query heads with 1, 2, 4 ... "
+                "K/V heads)"
+            )
+    elif q.shape[:-2] != k.shape[:-2] or k.shape[:-2] != v.shape[:-2]:
         raise ValueError(
             "batch/heads dimensions differ: q "
             f"{tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} (expected (batch, heads, seq, dim) each, "

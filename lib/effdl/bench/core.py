@@ -105,8 +105,12 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
-def print_table(rows: Sequence[Row], columns: Sequence[str] | None = None, file=None) -> str:
-    """A plain aligned text table of ``rows`` (all keys, in first-seen order, by default)."""
+def print_table(rows: Sequence[Row], columns: Sequence[str] | None = None, file=None, width: int = 88) -> str:
+    """A plain aligned text table of ``rows`` (all keys, in first-seen order, by default).
+
+    A table wider than ``width`` characters (the site's code column) is printed in parts, each
+    repeating the first column so that every line of a part still names its row.
+    """
     if not rows:
         text = "(no rows)"
     else:
@@ -114,10 +118,20 @@ def print_table(rows: Sequence[Row], columns: Sequence[str] | None = None, file=
             columns = list(dict.fromkeys(k for r in rows for k in r))
         cells = [[_fmt(r.get(c, "")) for c in columns] for r in rows]
         widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
-        lines = ["  ".join(c.rjust(w) for c, w in zip(columns, widths))]
-        lines.append("  ".join("-" * w for w in widths))
-        lines += ["  ".join(v.rjust(w) for v, w in zip(row, widths)) for row in cells]
-        text = "\n".join(lines)
+        parts, part = [], [0]
+        for i in range(1, len(columns)):
+            if part and sum(widths[j] + 2 for j in part) + widths[i] > width and len(part) > 1:
+                parts.append(part)
+                part = [0]
+            part.append(i)
+        parts.append(part)
+        blocks = []
+        for part in parts:
+            lines = ["  ".join(columns[i].rjust(widths[i]) for i in part)]
+            lines.append("  ".join("-" * widths[i] for i in part))
+            lines += ["  ".join(row[i].rjust(widths[i]) for i in part) for row in cells]
+            blocks.append("\n".join(lines))
+        text = "\n\n".join(blocks)
     print(text, file=file)
     return text
 
