@@ -3,7 +3,8 @@
 ``split_chunk`` is the only place key chunks are cut (the PyTorch split-KV path and the
 Triton wrapper both call it; ``even_split`` lists its chunks).  ``safe_shift``,
 ``safe_rescale``, ``finalize`` and ``state_lse`` are the only -inf guard and finalisation
-(the state functions, the tiled passes and decoding call them).
+(the state functions, the tiled passes and decoding call them).  ``default_num_splits`` is the
+one rule for how many splits decoding asks for: it counts programs, one per K/V head.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ import math
 import pytest
 import torch
 
-from effdl.attention.decode import decode_attention, even_split, split_chunk
+import effdl.attention.decode as decode
+from effdl.attention.decode import decode_attention, default_num_splits, even_split, split_chunk
 from effdl.attention.softmax import (
     finalize,
     init_state,
@@ -72,6 +74,30 @@ def test_split_bad_input(args, match):
         split_chunk(*args)
     with pytest.raises(ValueError, match=match):
         even_split(*args)
+
+
+# --- how many splits ------------------------------------------------------------------------------
+
+def test_default_splits_count_kv_heads(monkeypatch):
+    """Under GQA a group's G query heads (and Nq positions) are rows of one program, so the
+    programs that run before splitting are B·H_kv: fewer K/V heads ask for more splits."""
+    seen = []
+    monkeypatch.setattr(decode, "default_num_splits",
+                        lambda rows, L, device: seen.append(rows) or default_num_splits(rows, L, device))
+    q, k = torch.randn(3, 8, 2, 16), torch.randn(3, 2, 300, 16)
+    decode_attention(q, k, k)
+    decode_attention(q, torch.randn(3, 8, 300, 16), torch.randn(3, 8, 300, 16))
+    assert seen == [3 * 2, 3 * 8]                              # B·H_kv, not B·H·Nq
+
+    class H100:
+        multi_processor_count = 132
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: H100)
+    gpu = torch.device("cuda")                                 # 16 programs per SM: 2112
+    assert default_num_splits(8 * 32, 32768, gpu) == 9         # ⌈2112 / 256⌉
+    assert default_num_splits(8 * 8, 32768, gpu) == 33         # H_kv = H / 4: ⌈2112 / 64⌉
+    assert default_num_splits(1, 32768, gpu) == 128            # capped: L / min_chunk
+    assert default_num_splits(1, 4096, torch.device("cpu")) == 2
 
 
 # --- the softmax guards --------------------------------------------------------------------

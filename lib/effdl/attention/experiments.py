@@ -1,8 +1,9 @@
 """Helpers the attention chapter's notebook calls: implementation factories, sweeps, tile studies.
 
 Rows: ``{"name": "prefill"|"decode", "impl", "N" (or "L"), "d", "batch", "heads", "causal", "dtype",
-"ms", "peak_mem_bytes", "tflops" (prefill) or "tbps" (decode)}``.  FLOPs: 4·B·H·N²·d forward (half
-when causal); decode bytes: the K and V caches read once, 2·B·H·L·d·bytes.
+"ms", "peak_mem_bytes", "tflops" (prefill) or "tbps" (decode)}``, and "heads_kv" in decode rows timed
+with grouped-query K/V.  FLOPs: 4·B·H·N²·d forward (half when causal); decode bytes: the K and V caches
+read once, 2·B·H_kv·L·d·bytes (H_kv = H without grouping).
 """
 
 from __future__ import annotations
@@ -18,12 +19,14 @@ from effdl.attention.decode import decode_attention
 from effdl.attention.tiled import flash2_forward
 from effdl.bench.core import run_sweep
 from effdl.measure import benchmark, peak_memory
-from effdl.reference import naive_attention
+from effdl.reference import expand_kv, naive_attention
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 #: impl name -> SDPBackend member name
 SDPA_BACKENDS = {"sdpa_flash": "FLASH_ATTENTION", "sdpa_cudnn": "CUDNN_ATTENTION",
                  "sdpa_efficient": "EFFICIENT_ATTENTION", "sdpa_math": "MATH"}
+#: F.scaled_dot_product_attention takes grouped-query K/V itself (``enable_gqa=True``) from torch 2.5
+SDPA_GQA = torch.__version__ >= (2, 5)
 
 
 def prefill_flops(batch: int, heads: int, N: int, d: int, causal: bool) -> float:
@@ -32,7 +35,10 @@ def prefill_flops(batch: int, heads: int, N: int, d: int, causal: bool) -> float
 
 
 def decode_bytes(batch: int, heads: int, L: int, d: int, dtype: torch.dtype) -> float:
-    """Bytes a decode step must read: the K and V caches (the query and output are negligible)."""
+    """Bytes a decode step must read: the K and V caches (the query and output are negligible).
+
+    ``heads`` counts K/V heads: pass H_kv for a grouped-query cache
+    (:func:`effdl.attention.decode.decode_intensity` adds q, the output and the FLOPs)."""
     return 2.0 * batch * heads * L * d * torch.finfo(dtype).bits / 8
 
 
@@ -45,17 +51,29 @@ class _Inputs:
     def __call__(self, cfg: Mapping[str, Any]):
         nq = cfg["N"] if cfg["name"] == "prefill" else cfg.get("Nq", 1)
         nk = cfg["N"] if cfg["name"] == "prefill" else cfg["L"]
-        key = (cfg["name"], cfg["batch"], cfg["heads"], nq, nk, cfg["d"], cfg["dtype"])
+        h_kv = cfg.get("heads_kv", cfg["heads"])          # grouped-query K/V when < heads
+        key = (cfg["name"], cfg["batch"], cfg["heads"], h_kv, nq, nk, cfg["d"], cfg["dtype"])
         if key != self.key:
             self.val = None
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
             g = torch.Generator(device=self.device).manual_seed(0)
             dt = DTYPES[cfg["dtype"]]
-            mk = lambda n: torch.randn(cfg["batch"], cfg["heads"], n, cfg["d"], device=self.device,  # noqa: E731
-                                       dtype=dt, generator=g)
-            self.key, self.val = key, (mk(nq), mk(nk), mk(nk))
+            mk = lambda h, n: torch.randn(cfg["batch"], h, n, cfg["d"], device=self.device,  # noqa: E731
+                                          dtype=dt, generator=g)
+            self.key, self.val = key, (mk(cfg["heads"], nq), mk(h_kv, nk), mk(h_kv, nk))
         return self.val
+
+
+def _sdpa_call(q, k, v, causal: bool):
+    """SDPA, with grouped-query K/V passed as it is (``enable_gqa``) or, before torch 2.5, expanded
+    (a copy per call, as models did: the impl is then named ``<name>_expanded_kv``)."""
+    if k.shape[-3] == q.shape[-3]:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    if SDPA_GQA:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True)
+    h = q.shape[-3]
+    return F.scaled_dot_product_attention(q, expand_kv(k, h), expand_kv(v, h), is_causal=causal)
 
 
 def _sdpa_factory(inputs: _Inputs, backend: str | None, decode: bool = False):
@@ -63,7 +81,7 @@ def _sdpa_factory(inputs: _Inputs, backend: str | None, decode: bool = False):
         q, k, v = inputs(cfg)
         causal = bool(cfg["causal"]) and not decode     # decode, Nq = 1: every key is visible
         if backend is None:
-            return lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+            return lambda: _sdpa_call(q, k, v, causal)
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
         be = getattr(SDPBackend, SDPA_BACKENDS[backend], None)
@@ -72,7 +90,7 @@ def _sdpa_factory(inputs: _Inputs, backend: str | None, decode: bool = False):
 
         def fn():
             with sdpa_kernel([be]):
-                return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+                return _sdpa_call(q, k, v, causal)
         try:
             fn()                                          # unavailable on this GPU / shape -> skip
         except RuntimeError as exc:
@@ -121,12 +139,29 @@ def prefill_impls(device, names=("naive", "tiled", "sdpa"), naive_max_bytes: flo
     return impls
 
 
-def decode_impls(device, names=("naive", "sdpa", "torch_split_kv")) -> dict[str, Callable]:
+def _naive_decode(q, k, v):
+    """Textbook attention; grouped K/V is expanded to one K/V head per query head first (a copy per
+    call, as models without a grouped kernel do)."""
+    if k.shape[-3] != q.shape[-3]:
+        k, v = expand_kv(k, q.shape[-3]), expand_kv(v, q.shape[-3])
+    return naive_attention(q, k, v)
+
+
+def decode_impls(device, names=("naive", "sdpa", "torch_split_kv"), heads_kv: int | None = None
+                 ) -> dict[str, Callable]:
+    """Decode factories for :func:`decode_rows`; each reads grouped K/V when the config has ``heads_kv``.
+
+    ``naive`` expands grouped K/V per call; the split-KV paths read it as it is; SDPA passes it with
+    ``enable_gqa=True`` (torch >= 2.5, :data:`SDPA_GQA`).  ``heads_kv`` (the value given to
+    :func:`decode_rows`) only names the SDPA entries: on an older torch they expand K/V per call and
+    are named ``sdpa_expanded_kv`` (``sdpa_flash_expanded_kv``, ...) so a table says which ran.
+    """
     inputs = _Inputs(device)
     impls: dict[str, Callable] = {}
+    suffix = "_expanded_kv" if heads_kv is not None and not SDPA_GQA else ""
     for name in names:
         if name == "naive":
-            impls[name] = lambda cfg: (lambda q, k, v: lambda: naive_attention(q, k, v))(*inputs(cfg))
+            impls[name] = lambda cfg: (lambda q, k, v: lambda: _naive_decode(q, k, v))(*inputs(cfg))
         elif name == "torch_split_kv":
             impls[name] = lambda cfg: (
                 lambda q, k, v: lambda: decode_attention(q, k, v, backend="torch")
@@ -136,9 +171,9 @@ def decode_impls(device, names=("naive", "sdpa", "torch_split_kv")) -> dict[str,
                 lambda q, k, v: lambda: decode_attention(q, k, v, backend="triton")
             )(*inputs(cfg))
         elif name == "sdpa":
-            impls[name] = _sdpa_factory(inputs, None, decode=True)
+            impls[name + suffix] = _sdpa_factory(inputs, None, decode=True)
         elif name in SDPA_BACKENDS:
-            impls[name] = _sdpa_factory(inputs, name, decode=True)
+            impls[name + suffix] = _sdpa_factory(inputs, name, decode=True)
         else:
             raise ValueError(f"unknown decode implementation {name!r}")
     return impls
@@ -151,7 +186,7 @@ def _derive_prefill(cfg, ms):
 
 def _derive_decode(cfg, ms):
     dtype = DTYPES[cfg["dtype"]]
-    nbytes = decode_bytes(cfg["batch"], cfg["heads"], cfg["L"], cfg["d"], dtype)
+    nbytes = decode_bytes(cfg["batch"], cfg.get("heads_kv", cfg["heads"]), cfg["L"], cfg["d"], dtype)
     return {"tbps": nbytes / (ms * 1e-3) / 1e12}
 
 
@@ -164,9 +199,21 @@ def prefill_rows(Ns, *, d, batch, heads, device, impls, causal=(False,), dtype="
                      memory=memory, progress=progress)
 
 
-def decode_rows(Ls, *, d, batch, heads, device, impls, dtype="float32", warmup=1, repeat=3,
-                memory=True, progress=True) -> list[dict]:
-    cfgs = [dict(name="decode", L=L, d=d, batch=batch, heads=heads, causal=True, dtype=dtype) for L in Ls]
+def decode_rows(Ls, *, d, batch, heads, device, impls, heads_kv: int | None = None, dtype="float32",
+                warmup=1, repeat=3, memory=True, progress=True) -> list[dict]:
+    """Time every decode implementation at every cache length L (one query token per sequence).
+
+    ``heads_kv``: K/V heads of a grouped-query cache (a divisor of ``heads``; 1 is multi-query); the
+    rows then carry it, and "tbps" counts the grouped cache's bytes.
+    """
+    extra = {}
+    if heads_kv is not None:
+        if not isinstance(heads_kv, int) or isinstance(heads_kv, bool) or heads_kv < 1 or heads % heads_kv:
+            raise ValueError(f"heads_kv must be a positive int that divides heads ({heads}), got {heads_kv!r}: "
+                             f"each K/V head serves a whole group of query heads")
+        extra = dict(heads_kv=heads_kv)
+    cfgs = [dict(name="decode", L=L, d=d, batch=batch, heads=heads, **extra, causal=True, dtype=dtype)
+            for L in Ls]
     return run_sweep(cfgs, impls, derive=_derive_decode, warmup=warmup, repeat=repeat, device=device,
                      memory=memory, progress=progress)
 

@@ -167,3 +167,84 @@ def plot_bench(rows):
             ax.text(0.5, 0.5, "no rows", ha="center", va="center", transform=ax.transAxes)
     fig.tight_layout()
     return fig
+
+
+def tile_optimum(rows):
+    """FA2's I/O-optimal tiles against the fast-memory size M (``iosim.optimum_rows``):
+    left the tile sides Br and Bc, right the traffic over the lower bound."""
+    if not rows:
+        raise ValueError("rows is empty: pass iosim.optimum_rows(N, d, Ms)")
+    Ms = [r["M"] for r in rows]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
+    a.plot(Ms, [r["Br"] for r in rows], marker="o", label="Br (query rows)")
+    a.plot(Ms, [r["Bc"] for r in rows], marker="s", label="Bc (keys)")
+    a.set(ylabel="tile side", title="I/O-optimal FA2 tile")
+    a.set_yscale("log", base=2)
+    a.legend(fontsize=8)
+    b.plot(Ms, [r["over_lower_bound"] for r in rows], marker="o", color="C2")
+    b.set(ylabel="traffic / lower bound", title="the optimum's traffic")
+    for ax in (a, b):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("fast memory M (elements)")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def makespan_gantt(sim_results, max_legend: int = 10):
+    """One panel per ``makespan.simulate`` result: SM on y, time on x, one colour per
+    request, overheads (launch, merge) in grey; a shared time axis."""
+    if not sim_results:
+        raise ValueError("sim_results is empty: pass makespan.simulate(...) results")
+    n = len(sim_results)
+    fig, axes = plt.subplots(n, 1, figsize=(10, 2.2 * n + 0.6), sharex=True,
+                             squeeze=False)
+    cmap = plt.get_cmap("tab10")
+    for ax, sim in zip(axes[:, 0], sim_results):
+        bars = [(sm, s, e - s, r) for sm, g in enumerate(sim["gantt"]) for s, e, r in g]
+        ax.barh([b[0] for b in bars], [b[2] for b in bars], left=[b[1] for b in bars],
+                height=1.0, linewidth=0,
+                color=["0.55" if b[3] is None else cmap(b[3] % 10) for b in bars])
+        ax.set(ylabel="SM", ylim=(-0.5, sim["sms"] - 0.5),
+               title=f'{sim["schedule"]}: makespan {sim["makespan"]:.3g}, '
+                     f'utilization {sim["utilization"]:.0%}')
+        ax.invert_yaxis()
+    B = len(sim_results[0]["contexts"])
+    if B <= max_legend:
+        handles = [plt.Rectangle((0, 0), 1, 1, color=cmap(r % 10)) for r in range(B)]
+        contexts = sim_results[0]["contexts"]
+        labels = [f"request {r} (L={L})" for r, L in enumerate(contexts)]
+        handles.append(plt.Rectangle((0, 0), 1, 1, color="0.55"))
+        axes[0, 0].legend(handles, labels + ["overhead"], fontsize=7, loc="upper left",
+                          bbox_to_anchor=(1.01, 1.0))
+    axes[-1, 0].set_xlabel("time (one key tile = 1)")
+    fig.tight_layout()
+    return fig
+
+
+def makespan_bars(rows):
+    """``makespan.rows``: utilization (left) and makespan (right) per batch, one bar
+    per schedule."""
+    import numpy as np
+
+    if not rows:
+        raise ValueError("rows is empty: pass makespan.rows(...)")
+    batches = list(dict.fromkeys(r["batch"] for r in rows))
+    schedules = list(dict.fromkeys(r["schedule"] for r in rows))
+    width = 0.8 / len(schedules)
+    x = np.arange(len(batches))
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 3.8))
+    for k, schedule in enumerate(schedules):
+        at = {r["batch"]: r for r in rows if r["schedule"] == schedule}
+        util = [at[n]["utilization"] if n in at else 0 for n in batches]
+        span = [at[n]["makespan"] if n in at else 0 for n in batches]
+        a.bar(x + k * width, util, width, label=schedule)
+        b.bar(x + k * width, span, width, label=schedule)
+    a.set(ylabel="SM utilization", ylim=(0, 1.05), title="busy fraction of the SMs")
+    b.set(ylabel="makespan (one key tile = 1)", yscale="log", title="time to finish")
+    for ax in (a, b):
+        ax.set_xticks(x + 0.4 - width / 2, batches, rotation=15, ha="right", fontsize=8)
+        ax.grid(alpha=0.3, axis="y")
+    a.legend(fontsize=8)
+    fig.tight_layout()
+    return fig

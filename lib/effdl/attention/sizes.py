@@ -93,7 +93,9 @@ def work(S: Sizes):
     for N in sorted(set(S.seq_lens) | {S.target_N}):     # section 2: the three, both masks
         for c in (False, True):
             w += reps * (naive(N) + tiled(N, causal=c) + fused(N, c))
-    w += (S.repeat + 3) * (naive(S.target_N) + 2 * tiled(S.target_N) + fused(S.target_N))
+    # the interleaved comparison: naive, the textbook loop (64 x 64 tiles), tiled, SDPA
+    w += (S.repeat + 3) * (naive(S.target_N) + tiled(S.target_N) + tiled(S.target_N, 64, 64)
+                           + fused(S.target_N))
     for bq, bk in S.tiles:                               # section 3: a CPU lesson, on the host
         w += 2 * reps * tiled(S.tile_N, bq, bk, host=True)
     for b in S.matmul_tiles:
