@@ -63,6 +63,13 @@ def _safe_softmax(x, block):  # the textbook three passes, written out
     return e / e.sum(-1, keepdim=True)
 
 
+def _blocked_safe_softmax(x, block):  # blocks side by side, but the sum waits for the row's max
+    xb = F.pad(x, (0, -x.shape[-1] % block), value=-math.inf).unflatten(-1, (-1, block))
+    m = xb.amax(-1).amax(-1)                         # pass 1: the max of every block, then of the row
+    l = torch.exp(xb - m[..., None, None]).sum(-1).sum(-1)   # pass 2: the sum, against that max
+    return torch.exp(x - m[..., None]) / l[..., None]
+
+
 def _merge(m1, l1, a1, m2, l2, a2, *, empty=True, rescale_l=True, rescale_acc=True, swap=False, keep_m1=False):
     m = m1 if keep_m1 else torch.maximum(m1, m2)
     shift = torch.where(torch.isneginf(m), torch.zeros_like(m), m) if empty else m
@@ -101,17 +108,87 @@ def _split_merge(outs, lses, *, empty_weight_one=False, shift=True, normalize=Tr
     return (outs * torch.exp(lses - lse)[..., None]).sum(0)
 
 
-def _tiles(M, d, *, ignore_s=False, swap=False, square=False):
+def _tiles(M, d, *, ignore_s=False, swap=False, square=False, unrounded=False, bc=16):
+    """FA2's tiles for fast memory M in whole 16-wide blocks, with the mistakes switched on."""
+    if unrounded:  # the largest Br that fits, not rounded down to a tensor-core block
+        return (M - 2 * bc * d) // (2 * d + 2 + bc), bc
     if square:
-        b = max(1, int(math.isqrt(M // 4)))
+        b = math.isqrt(M // 4) // 16 * 16
         return b, b
     if ignore_s:  # Q_i, O_i, K_j, V_j fill M: nothing left for S_ij, m_i and l_i
-        return (M - 2 * d * d) // (2 * d), d
-    bc = max(1, min(d, M // (8 * d)))
-    br = max(1, M // (4 * d))
-    while not ignore_s and br > 1 and 2 * br * d + 2 * br + 2 * bc * d + br * bc > M:
-        br -= 1
+        return (M - 2 * bc * d) // (2 * d) // 16 * 16, bc
+    br = (M - 2 * bc * d) // (2 * d + 2 + bc) // 16 * 16
     return (bc, br) if swap else (br, bc)
+
+
+def _fa2(q, k, v, causal, bq, bk, *, rescale=True, each_step=False, top_left=False, last_q=True,
+         last_k=True, whole=False, lse_m=False, scale=True, safe=True, row_block=False, full_mask=False,
+         running_max=True):
+    """FA2's forward loop, as a student writes it, with the mistakes switched on."""
+    B, H, nq, d = q.shape
+    nk = k.shape[-2]
+    off = 0 if top_left else nk - nq
+    c = d ** -0.5 if scale else 1.0
+    if whole:  # the textbook formula: S and P of the whole sequence
+        s = q @ k.transpose(-2, -1) * c
+        if causal:
+            s = s.masked_fill(torch.arange(nk)[None, :] > torch.arange(nq)[:, None] + off, -math.inf)
+        return torch.softmax(s, -1).nan_to_num() @ v, torch.logsumexp(s, -1)
+    if full_mask:  # one causal mask for the whole matrix, sliced per tile
+        allowed = torch.ones(nq, nk, dtype=torch.bool).tril(off)
+    out, lse = torch.zeros_like(q), q.new_full((B, H, nq), -math.inf)
+    bk = nk if row_block else bk  # a query tile against all keys at once
+    for i0 in range(0, nq if last_q else nq - nq % bq, bq):
+        i1 = min(i0 + bq, nq)
+        m = q.new_full((B, H, i1 - i0), -math.inf)
+        l = q.new_zeros(B, H, i1 - i0)
+        acc = q.new_zeros(B, H, i1 - i0, d)
+        for j0 in range(0, nk if last_k else nk - nk % bk, bk):
+            j1 = min(j0 + bk, nk)
+            s = q[..., i0:i1, :] @ k[..., j0:j1, :].transpose(-2, -1) * c
+            if causal:
+                ok = (allowed[i0:i1, j0:j1] if full_mask
+                      else torch.arange(j0, j1)[None, :] <= torch.arange(i0, i1)[:, None] + off)
+                s = s.masked_fill(~ok, -math.inf)
+            m_new = torch.maximum(m, s.amax(-1)) if running_max else torch.zeros_like(m)
+            shift = torch.where(torch.isneginf(m_new), 0.0, m_new) if safe else m_new
+            p = torch.exp(s - shift[..., None])
+            alpha = torch.exp(m - shift)
+            l_new = alpha * l + p.sum(-1)
+            if each_step:  # normalized at every step, the previous division never undone
+                acc = (alpha[..., None] * acc + p @ v[..., j0:j1, :]) / l_new[..., None]
+            else:
+                acc = (alpha[..., None] * acc if rescale else acc) + p @ v[..., j0:j1, :]
+            m, l = m_new, l_new
+        out[..., i0:i1, :] = acc if each_step else acc / l.clamp_min(1e-30)[..., None]
+        lse[..., i0:i1] = m if lse_m else m + torch.log(l)
+    return out, lse
+
+
+def _sdpa_fa2(q, k, v, causal, bq, bk):  # PyTorch's fused kernel for the output
+    return F.scaled_dot_product_attention(q, k, v), _fa2(q, k, v, causal, bq, bk)[1]
+
+
+def _tile(Qi, dOi, Li, Di, Kj, Vj, scale, mask, *, use_D=True, tile_D=False, dk_T=True, scaled=True,
+          use_L=True, use_mask=True, invert=False):
+    """One backward key tile, as a student writes it, with the mistakes switched on."""
+    s = Qi @ Kj.transpose(-2, -1) * scale
+    if mask is not None and use_mask:
+        s = s.masked_fill(mask if invert else ~mask, -math.inf)
+    p = torch.exp(s - Li[..., None]) if use_L else torch.exp(s)
+    dp = dOi @ Vj.transpose(-2, -1)
+    D = (p * dp).sum(-1) if tile_D else Di
+    ds = p * (dp - D[..., None]) if use_D else p * dp
+    c = scale if scaled else 1.0
+    dq = ds @ Kj * c
+    dk = (ds.transpose(-2, -1) if dk_T else ds) @ Qi * c
+    return dq, dk, p.transpose(-2, -1) @ dOi
+
+
+def _intensity(B, H, Hkv, L, d, b, *, gqa=True, v=True, two=True, per_el=True, q_out=True):
+    flops = (2 if two else 1) * 2 * B * H * L * d             # q·kᵀ and P·v
+    cache = (2 if v else 1) * B * (Hkv if gqa else H) * L * d   # K and V
+    return flops / ((cache + (2 * B * H * d if q_out else 0)) * (b if per_el else 1))
 
 
 ATTENTION = [
@@ -119,6 +196,7 @@ ATTENTION = [
     ("check_online_softmax", _two_pass_softmax, "went over the blocks 2 times"),
     ("check_online_softmax", lambda x, block: torch.softmax(x, -1), "calls torch.softmax"),
     ("check_online_softmax", _safe_softmax, "read whole rows"),
+    ("check_online_softmax", _blocked_safe_softmax, "value computed from later blocks"),
     ("check_online_softmax", resolve("effdl.attention.softmax.safe_softmax"), "function of the library"),
     ("check_online_softmax", lambda x, block: _softmax(x, block, shift=False), "NaN or inf.*subtract the running"),
     ("check_online_softmax", lambda x, block: _softmax(x, block, rescale=False), "not rescaled"),
@@ -145,11 +223,13 @@ ATTENTION = [
     ("check_fa2_io_count", lambda N, d, br, bc: (N * d + -(-N // bc) * 2 * N * d, N * d + N),
      "once per \\*query\\* tile"),
     # tile sizes: fit, whole numbers, a large query tile
-    ("check_tile_sizes", lambda M, d: (M // d, d), "elements on chip"),
+    ("check_tile_sizes", lambda M, d: (M // d // 16 * 16, d), "elements on chip"),
     ("check_tile_sizes", lambda M, d: (M / (4 * d), min(d, M / (8 * d))), "float"),
     ("check_tile_sizes", lambda M, d: _tiles(M, d, ignore_s=True), "S_ij, Br x Bc, and m_i"),
     ("check_tile_sizes", lambda M, d: _tiles(M, d, swap=True), "swapped"),
     ("check_tile_sizes", lambda M, d: _tiles(M, d, square=True), "make Br as large as fits"),
+    ("check_tile_sizes", lambda M, d: _tiles(M, d, unrounded=True), "multiples of 16"),
+    ("check_tile_sizes", lambda M, d: _tiles(M, d, bc=1), "multiples of 16"),
     # the split-KV merge
     ("check_split_kv_merge", lambda outs, lses: outs.mean(0), "plain average"),
     ("check_split_kv_merge", lambda o, s: _split_merge(o, s, empty_weight_one=True), "empty split"),
@@ -157,7 +237,47 @@ ATTENTION = [
     ("check_split_kv_merge", lambda o, s: _split_merge(o, s, normalize=False), "divided by their sum"),
     ("check_split_kv_merge", lambda o, s: _split_merge(o, s, all_empty_safe=False), "every split is empty"),
     ("check_split_kv_merge", lambda o, s: (o * torch.softmax(s, 0)[..., None]).sum(0), "every split is empty"),
+    # FA2's forward loop: accurate in float32, in tiles, bottom-right causal
+    ("check_fa2_forward", lambda *a: _fa2(*a, rescale=False), "accumulator was not rescaled"),
+    ("check_fa2_forward", lambda *a: _fa2(*a, each_step=True), "divided by ℓ at every key tile"),
+    ("check_fa2_forward", lambda *a: _fa2(*a, top_left=True), "aligned top-left"),
+    ("check_fa2_forward", lambda *a: _fa2(*a, last_k=False), "last, shorter key tile is missing"),
+    ("check_fa2_forward", lambda *a: _fa2(*a, last_q=False), "last, shorter query tile"),
+    ("check_fa2_forward", lambda *a: _fa2(*a, last_q=False, last_k=False), "last, shorter tiles are missing"),
+    ("check_fa2_forward", lambda *a: _fa2(*a, whole=True), "the whole 200 x 230 score matrix"),
+    ("check_fa2_forward", lambda *a: _fa2(*a, full_mask=True), "a causal mask of the whole"),
+    ("check_fa2_forward", lambda *a: _fa2(*a, row_block=True), "against all 230 keys"),
+    ("check_fa2_forward", _sdpa_fa2, "fused attention"),
+    ("check_fa2_forward", lambda *a: _fa2(*a, lse_m=True), "lse is the running max m"),
+    ("check_fa2_forward", lambda *a: _fa2(*a, scale=False), "not scaled"),
+    ("check_fa2_forward", lambda *a: _fa2(*a, running_max=False), "exp overflowed"),
+    ("check_fa2_forward", lambda *a: _fa2(*a, safe=False), "see no key.*NaN.*-inf - \\(-inf\\)"),
+    # one backward key tile
+    ("check_backward_tile", lambda *a: _tile(*a, use_D=False), "leaves out D"),
+    ("check_backward_tile", lambda *a: _tile(*a, tile_D=True), "this tile's P ∘ dP only"),
+    ("check_backward_tile", lambda *a: _tile(*a, dk_T=False), "dK must be dSᵀ Q"),
+    ("check_backward_tile", lambda *a: _tile(*a, scaled=False), "miss the factor scale"),
+    ("check_backward_tile", lambda *a: _tile(*a, use_L=False), "recomputed as exp\\(S\\)"),
+    ("check_backward_tile", lambda *a: _tile(*a, use_mask=False), "mask was ignored"),
+    ("check_backward_tile", lambda *a: _tile(*a, invert=True), "mask is inverted"),
+    # the arithmetic intensity of a GQA decode step
+    ("check_decode_intensity", lambda *a: _intensity(*a, gqa=False), "once per query head"),
+    ("check_decode_intensity", lambda *a: _intensity(*a, v=False), "only K was counted"),
+    ("check_decode_intensity", lambda *a: _intensity(*a, two=False), "2 FLOPs per multiply-add"),
+    ("check_decode_intensity", lambda *a: _intensity(*a, per_el=False), "bytes_per_el was ignored"),
+    ("check_decode_intensity", lambda *a: _intensity(*a, q_out=False), "q \\(read\\) and the output"),
+    ("check_decode_intensity", lambda *a: (4 * a[0] * a[1] * a[3] * a[4], 1.0), "one number"),
 ]
+
+
+def test_the_attention_helpers_without_mistakes_pass():
+    """The FA2 loop, backward tile and intensity above, with no mistake switched on, pass: the failures
+    come from the mistakes."""
+    from effdl.attention import checks
+
+    checks.check_fa2_forward(lambda *a: _fa2(*a))
+    checks.check_backward_tile(lambda *a: _tile(*a))
+    checks.check_decode_intensity(lambda *a: _intensity(*a))
 
 
 # ============================================================================== distill

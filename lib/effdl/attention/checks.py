@@ -1,11 +1,15 @@
-"""Exercise checks of the attention chapter: each compares the student's function with the library's,
-and checks what the exercise is about (one pass over the blocks, empty splits, whole tiles)."""
+"""Exercise checks of the attention chapter: each compares the student's function with the library's
+(or with autograd of plain attention), and checks what the exercise is about (one pass over the blocks,
+empty splits, whole tiles, a tile loop that never holds the whole score matrix, float32 accuracy by
+flash-attention's 2x rule)."""
 
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
+from torch.overrides import TorchFunctionMode
 
 from effdl.checks import assert_close, exercise_check, observe, require, same, when_solved  # noqa: F401
 
@@ -16,6 +20,9 @@ __all__ = [
     "check_fa2_io_count",
     "check_tile_sizes",
     "check_split_kv_merge",
+    "check_fa2_forward",
+    "check_backward_tile",
+    "check_decode_intensity",
 ]
 
 #: the library functions that answer each check: refused as answers, and held back in the student
@@ -26,8 +33,14 @@ REVEALS = {
     "check_causal_tile_plan": ["effdl.attention.tiled.causal_tile_plan"],
     "check_fa2_io_count": ["effdl.attention.iosim._run_fa2", "effdl.attention.iosim.io_count",
                            "effdl.attention.iosim.closed_form"],
-    "check_tile_sizes": ["effdl.attention.iosim.block_sizes"],
+    "check_tile_sizes": ["effdl.attention.iosim.block_sizes", "effdl.attention.iosim.best_tiles",
+                         "effdl.attention.iosim.optimum_rows"],
     "check_split_kv_merge": ["effdl.attention.softmax.merge_lse"],
+    "check_fa2_forward": ["effdl.attention.textbook.fa2_forward", "effdl.attention.tiled.flash2_forward",
+                          "effdl.attention.tiled.flash1_forward"],
+    "check_backward_tile": ["effdl.attention.textbook.backward_key_tile", "effdl.attention.textbook.fa2_backward",
+                            "effdl.attention.tiled.flash2_backward"],
+    "check_decode_intensity": ["effdl.attention.decode.decode_intensity"],
 }
 
 
@@ -54,8 +67,10 @@ _MOVE = {"__getitem__", "split", "split_with_sizes", "chunk", "tensor_split", "u
 
 class _Watched(torch.Tensor):
     """A tensor that remembers, for each element, which column of the original rows it came from
-    (``_cols``: id + 1, 0 for values that are not one column's, such as a running max), and logs
-    every reduction that reads columns: ``(first, last, columns reduced at once, operation)``."""
+    (``_cols``: id + 1, 0 for values that are not one column's, such as a running max) and the last
+    column its value depends on (``_ahead``: id + 1, 0 for none; a running max after block b depends
+    on every column up to b's last), and logs every reduction that reads columns:
+    ``(first, last, columns reduced at once, operation, whether it used a later column)``."""
 
     _log: list | None = None  # set by _softmax_trial for the duration of one call
 
@@ -69,22 +84,24 @@ class _Watched(torch.Tensor):
             _note(args[0], None, name)
         if name == "__setitem__" and isinstance(args[0], _Watched):
             args[0]._cols = _replay(func, name, args, kwargs)
+            args[0]._ahead = _replay(func, name, args, kwargs, "_ahead")
         if not _is_tensors(out):
             return out
         watched = [a for a in _flat(args) + _flat(list(kwargs.values())) if isinstance(a, _Watched)]
         if name in _MOVE:
-            probe = _replay(func, name, args, kwargs)
+            probe, ahead = _replay(func, name, args, kwargs), _replay(func, name, args, kwargs, "_ahead")
         elif name in _REDUCE and not (name in ("max", "min") and len(args) > 1 and torch.is_tensor(args[1])):
-            _note(args[0], _dims(args, kwargs, args[0].ndim if torch.is_tensor(args[0]) else 0, name), name)
-            probe = None
+            dims = _dims(args, kwargs, args[0].ndim if torch.is_tensor(args[0]) else 0, name)
+            _note(args[0], dims, name)
+            probe, ahead = None, _reduced_ahead(args[0], dims, out)
         elif name in _CONTRACT:
             for pos, a in enumerate(args[:2]):
                 if isinstance(a, _Watched) and a.ndim:
                     _note(a, [a.ndim - 1] if pos == 0 or a.ndim == 1 else [a.ndim - 2], name)
-            probe = None
+            probe, ahead = None, _reduced_ahead(None, None, out, watched)
         else:
-            probe = _broadcast_max(watched, out)
-        return _wrap(out, probe)
+            probe, ahead = _broadcast_max(watched, out), _broadcast_max(watched, out, "_ahead")
+        return _wrap(out, probe, ahead)
 
 
 def _flat(xs) -> list:
@@ -98,11 +115,31 @@ def _is_tensors(x) -> bool:
     return torch.is_tensor(x) or (isinstance(x, (list, tuple)) and bool(x) and all(torch.is_tensor(t) for t in x))
 
 
-def _cols(t) -> torch.Tensor:
-    cols = getattr(t, "_cols", None)
+def _cols(t, label: str = "_cols") -> torch.Tensor:
+    cols = getattr(t, label, None)
     if cols is None or cols.shape != t.shape:
         return torch.zeros(t.shape, dtype=torch.long)
     return cols
+
+
+def _reduced_ahead(t, dims, out, watched=()):
+    """``_ahead`` of a reduction's output: the latest column each output element depends on (the
+    reduced elements' latest), or, where the shapes do not say which elements went where, the
+    latest of all inputs."""
+    first = out[0] if isinstance(out, (list, tuple)) else out
+    probe = None
+    if t is not None and torch.is_tensor(t) and dims and t.ndim:
+        ahead = _cols(t, "_ahead")
+        for keep in (True, False):
+            r = ahead.amax(dim=dims, keepdim=keep)
+            if r.shape == first.shape:
+                probe = r
+                break
+    if probe is None:
+        latest = max([int(_cols(w, "_ahead").max()) for w in (*watched, t) if torch.is_tensor(w) and w.numel()]
+                     or [0])
+        probe = torch.full(first.shape, latest, dtype=torch.long)
+    return [probe] * len(out) if isinstance(out, (list, tuple)) else probe
 
 
 def _dims(args, kwargs, ndim: int, name: str = "") -> list[int]:
@@ -126,24 +163,29 @@ def _note(t, dims, name) -> None:
     if ids.numel() == 0:
         return
     width = math.prod(t.shape[d] for d in dims) if dims is not None else -1
-    log.append([int(ids.min()) - 1, int(ids.max()) - 1, int(width), name])
+    later = False  # does a reduced value depend on a column after the last one it reduces?
+    if dims:
+        last_read = cols.amax(dim=dims, keepdim=True)
+        later = bool(((_cols(t, "_ahead") > last_read) & (cols > 0)).any())
+    log.append([int(ids.min()) - 1, int(ids.max()) - 1, int(width), name, later])
 
 
-def _replay(func, name, args, kwargs):
-    """The same move applied to the column ids (plain tensors where the move takes indices)."""
+def _replay(func, name, args, kwargs, label: str = "_cols"):
+    """The same move applied to the column ids, or to ``label`` (plain tensors where the move takes
+    indices)."""
     def data(a):
         return a.as_subclass(torch.Tensor) if isinstance(a, _Watched) else a
 
     def ids(a):
         if isinstance(a, (list, tuple)):
             return type(a)(ids(x) for x in a)
-        return _cols(a) if torch.is_tensor(a) else a
+        return _cols(a, label) if torch.is_tensor(a) else a
 
     new = list(args)
     if new:
         new[0] = ids(new[0])
     if name == "__setitem__" and len(new) > 2:
-        new[2] = _cols(new[2]) if torch.is_tensor(new[2]) else 0
+        new[2] = _cols(new[2], label) if torch.is_tensor(new[2]) else 0
     new = [a if i == 0 or (name == "__setitem__" and i == 2) else data(a) for i, a in enumerate(new)]
     kw = {k: data(v) for k, v in kwargs.items()}
     if name == "pad":
@@ -157,36 +199,43 @@ def _replay(func, name, args, kwargs):
         return None
 
 
-def _broadcast_max(watched, out):
+def _broadcast_max(watched, out, label: str = "_cols"):
     if not torch.is_tensor(out):
         return None
     probe = None
     for w in watched:
         try:
-            c = torch.broadcast_to(_cols(w), out.shape)
+            c = torch.broadcast_to(_cols(w, label), out.shape)
         except RuntimeError:
             continue
         probe = c if probe is None else torch.maximum(probe, c)
     return probe
 
 
-def _wrap(out, probe):
+def _wrap(out, probe, ahead=None):
     if type(out) in (list, tuple):
-        probes = probe if isinstance(probe, (list, tuple)) and len(probe) == len(out) else [None] * len(out)
-        return type(out)(_wrap(o, p) for o, p in zip(out, probes))
+        def each(p):
+            return p if isinstance(p, (list, tuple)) and len(p) == len(out) else [None] * len(out)
+        return type(out)(_wrap(o, p, a) for o, p, a in zip(out, each(probe), each(ahead)))
     if not torch.is_tensor(out):
         return out
     w = out if isinstance(out, _Watched) else out.as_subclass(_Watched)
-    w._cols = probe if torch.is_tensor(probe) and probe.shape == out.shape else torch.zeros(out.shape, dtype=torch.long)
+    def fits(label):
+        return torch.is_tensor(label) and label.shape == out.shape
+
+    w._cols = probe if fits(probe) else torch.zeros(out.shape, dtype=torch.long)
+    w._ahead = ahead if fits(ahead) else torch.zeros(out.shape, dtype=torch.long)
     return w
 
 
 def _softmax_trial(online_softmax, x, block):
     """Driver (runs where the student's code lives): call ``online_softmax`` on ``x`` watched column
     by column.  Returns the output and every reduction that read columns of ``x``:
-    ``[first column, last column, columns reduced at once (-1: left torch), operation]``."""
+    ``[first column, last column, columns reduced at once (-1: left torch), operation, whether a
+    reduced value depended on a later column]``."""
     w = x.as_subclass(_Watched)
     w._cols = torch.arange(1, x.shape[-1] + 1).expand(x.shape).clone()
+    w._ahead = w._cols.clone()
     _Watched._log = log = []
     try:
         out = online_softmax(w, block)
@@ -197,20 +246,23 @@ def _softmax_trial(online_softmax, x, block):
     return {"out": out, "reads": log}
 
 
-def _passes(reads: list, block: int, n: int) -> tuple[int, str | None]:
+def _passes(reads: list, block: int, n: int) -> tuple[int, str | None, str | None]:
     """(passes over the blocks, the first operation that reduced more than a block at once or left
-    torch).  A new pass starts when a reduction reads a column read before, in this pass, by a block
-    other than the current one."""
-    passes, seen, current = 1, set(), set()
-    for first, last, width, name in reads:
+    torch, the first that reduced a block with a value computed from later columns).  A new pass
+    starts when a reduction reads a column read before, in this pass, by a block other than the
+    current one, or when it needs a later column (the max of the whole row, found before)."""
+    passes, seen, current, later = 1, set(), set(), None
+    for first, last, width, name, ahead in reads:
         if width == -1 or (width > block and n > block):
-            return passes, name
+            return passes, name, later
         cols = set(range(first, last + 1))
         if cols & (seen - current):
             passes, seen = passes + 1, set()
+        if ahead and later is None:
+            later = name
         seen |= cols
         current = cols
-    return passes, None
+    return passes, None, later
 
 
 def _softmax_variant(x, block, *, rescale=True, last_block=True):
@@ -259,7 +311,7 @@ def check_online_softmax(online_softmax):
         assert_close(got, torch.softmax(x, dim=-1), what=f"online_softmax on {where}",
                      rtol=1e-9, atol=1e-12, hint=lambda: _softmax_hint(got, x, block))
         n = shape[-1]
-        passes, whole = _passes(seen["reads"], block, n)
+        passes, whole, later = _passes(seen["reads"], block, n)
         if whole == "softmax" or whole == "log_softmax":
             raise AssertionError(f"{where}: your function calls torch.{whole} on whole rows of {n} columns; "
                                  f"the exercise is to compute it yourself, one block of {block} columns at a time")
@@ -273,6 +325,10 @@ def check_online_softmax(online_softmax):
                 f"{where}: your function went over the blocks {passes} times (a block was read again after "
                 "later blocks): find the max and the sum in the same pass, rescaling the running sum by "
                 "exp(m_old - m_new) whenever a block raises the max")
+        require(later is None,
+                f"{where}: `{later}` reduced a block with a value computed from later blocks (such as "
+                "the maximum of the whole row): that is a second pass over the blocks; fold each block "
+                "into a running max and sum before reading the next")
 
 
 # ------------------------------------------------------------------------------ merging states
@@ -434,28 +490,32 @@ def check_fa2_io_count(io_fn):
 # ------------------------------------------------------------------------------ tile sizes
 @exercise_check(student="my_tile_sizes")
 def check_tile_sizes(choose):
-    """``choose(M, d) -> (Br, Bc)`` for FA2: fits in M and moves at most 10% more than the library's choice."""
-    from effdl.attention.iosim import block_sizes, closed_form
+    """``choose(M, d) -> (Br, Bc)`` for FA2: whole 16-wide tiles that fit in M and move at most 10% more
+    than the best legal tiles of the model (:func:`effdl.attention.iosim.best_tiles`)."""
+    from effdl.attention.iosim import best_tiles, closed_form, working_set
 
-    N = 4096
-    for M, d in [(4096, 16), (16384, 64), (65536, 64), (100_000, 128), (1000, 8)]:
+    N, mma = 4096, 16
+    for M, d in [(8192, 16), (16384, 64), (65536, 64), (100_000, 128), (32768, 32)]:
         got = choose(M, d)
         require(isinstance(got, (tuple, list)) and len(got) == 2, "return a tuple (Br, Bc) of ints")
         br, bc = (_whole(t, f"M={M}, d={d}: {n}") for t, n in zip(got, ("Br", "Bc")))
         require(br >= 1 and bc >= 1, f"M={M}, d={d}: tiles must be at least 1 x 1, got {br} x {bc}")
-        ws = 2 * br * d + 2 * br + 2 * bc * d + br * bc
+        require(br % mma == 0 and bc % mma == 0,
+                f"M={M}, d={d}: {br} x {bc} is not made of whole {mma} x {mma} blocks; tensor-core "
+                f"instructions work on {mma}-wide tiles, so round Br and Bc to multiples of {mma}")
+        ws = sum(working_set(br, bc, d, mma))
         hint = " (S_ij, Br x Bc, and m_i, l_i live on chip too)" if 2 * br * d + 2 * bc * d <= M else ""
         require(ws <= M, f"M={M}, d={d}: Br={br}, Bc={bc} need {ws} elements on chip "
                 "(Q_i, O_i, m_i, l_i, K_j, V_j and S_ij) but only M fit" + hint)
         # why the closed form: the same count as simulating io_count, without stepping
-        # through every tile (a 1 x 1 tiling of N = 4096 would take a minute)
-        lib = block_sizes("fa2", N, d, M)
-        ours = closed_form("fa2", N, d, M, **lib).total
-        theirs = closed_form("fa2", N, d, M, Br=br, Bc=bc).total
+        # through every tile
+        best = best_tiles("fa2", N, d, M, mma=mma)
+        theirs = closed_form("fa2", N, d, M, mma=mma, Br=br, Bc=bc).total
         hint = " (Br and Bc swapped? the query tile is the one to make large)" if br < bc else ""
-        require(theirs <= 1.1 * ours, f"M={M}, d={d}: your tiles {br} x {bc} move {theirs} elements, the "
-                f"library's {lib['Br']} x {lib['Bc']} {ours}: FA2 reads K and V once per query tile, so make Br "
-                "as large as fits" + hint)
+        require(theirs <= 1.1 * best["total"],
+                f"M={M}, d={d}: your tiles {br} x {bc} move {theirs} elements, the best legal tiles "
+                f"{best['Br']} x {best['Bc']} move {best['total']}: FA2 reads K and V once per query tile, "
+                "so make Br as large as fits; Bc does not appear in the count" + hint)
 
 
 # ------------------------------------------------------------------------------ split-KV merge
@@ -515,3 +575,362 @@ def check_split_kv_merge(merge):
             "(shift by 0 where the merged lse is -inf)")
     assert_close(got, expected, what="merged output with an empty split (lse = -inf, out = 0) and a row "
                  "where every split is empty", rtol=1e-9, atol=1e-12, hint=lambda: _split_hint(got, outs, lses))
+
+
+# ------------------------------------------------------------------------------ FA2 forward loop
+#: operations that make a view or a broadcast, not a new tensor
+_VIEWS = {"__getitem__", "view", "view_as", "reshape", "reshape_as", "transpose", "t", "permute", "expand",
+          "expand_as", "broadcast_to", "unsqueeze", "squeeze", "flatten", "unflatten", "narrow", "select",
+          "split", "chunk", "unbind", "movedim", "moveaxis", "swapaxes", "swapdims", "as_strided", "diagonal",
+          "__get__", "detach"}
+
+
+class _Allocations(TorchFunctionMode):
+    """Notes every tensor the torch functions called under it return, views left out:
+    ``{(function, shape, floating point)}``."""
+
+    def __init__(self):
+        super().__init__()
+        self.made: dict = {}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name = getattr(func, "__name__", str(func))
+        if name not in _VIEWS:
+            for t in out if isinstance(out, (list, tuple)) else (out,):
+                if torch.is_tensor(t):
+                    self.made.setdefault((name, tuple(t.shape), t.is_floating_point()), None)
+        return out
+
+
+def _fa2_trial(fa2, q, k, v, causal, block_q, block_k):
+    """Driver (runs where the student's code lives): call ``fa2`` and note every tensor the torch
+    functions it calls create.  Returns ``{"got": what it returned, "made": [[op, shape, floating], ...]}``."""
+    probe = _Allocations()
+    with probe:
+        got = fa2(q, k, v, causal, block_q, block_k)
+    if isinstance(got, (tuple, list)):
+        got = tuple(g.detach().clone() if torch.is_tensor(g) else g for g in got)
+    return {"got": got, "made": [[op, list(shape), fl] for op, shape, fl in probe.made]}
+
+
+_FUSED = ("scaled_dot_product", "flash_attention", "efficient_attention", "cudnn_attention")
+
+
+def _fused(made) -> str | None:
+    """The fused attention operation among those noted by :func:`_fa2_trial`, or None."""
+    return next((op for op, _, _ in made if any(f in op for f in _FUSED)), None)
+
+
+def _untiled(made, lead, nq, nk, d, bq, bk) -> str | None:
+    """Why the tensors noted by :func:`_fa2_trial` are not those of a tile loop, or None.
+
+    Any two adjacent dimensions (neither the head dim ``d``: those are q, k, v, the output
+    and their tiles) spanning a whole ``nq x nk`` score matrix of a head; or, for floats,
+    more than a tile whose one side spans all ``nk`` keys (``lead``: batch x heads, which
+    may lead a row of statistics)."""
+    for op, shape, floating in made:
+        for a, b in zip(shape, shape[1:]):
+            if d in (a, b):
+                continue
+            if a * b >= nq * nk:
+                fix = ("build each tile's mask from its row and column indices" if not floating
+                       else "loop over query tiles and, inside, over key tiles")
+                return (f"`{op}` made a tensor of shape {tuple(shape)}: "
+                        f"{'a causal mask of ' if not floating else ''}the whole {nq} x {nk} score "
+                        f"matrix of a head; FlashAttention never holds more than one {bq} x {bk} "
+                        f"tile of it: {fix}")
+            if floating and a * b > bq * bk and max(a, b) >= nk and min(a, b) > lead:
+                return (f"`{op}` made a tensor of shape {tuple(shape)}: a query tile against all "
+                        f"{nk} keys at once; loop over key tiles of {bk} keys too, updating a "
+                        "running max, sum and output with each (the online softmax)")
+    return None
+
+
+def _fa2_loop(q, k, v, causal, bq, bk, *, rescale=True, each_step=False, top_left=False, drop_k=False,
+              scale=None):
+    """FA2's forward loop in float64 with one known mistake switched on (for the hints)."""
+    nq, nk = q.shape[-2], k.shape[-2]
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    off = 0 if top_left else nk - nq
+    out = q.new_zeros(*q.shape[:-1], v.shape[-1])
+    lse = q.new_full(q.shape[:-1], -math.inf)
+    for i0 in range(0, nq, bq):
+        i1 = min(i0 + bq, nq)
+        m = q.new_full((*q.shape[:-2], i1 - i0), -math.inf)
+        l = torch.zeros_like(m)
+        acc = q.new_zeros(*m.shape, v.shape[-1])
+        for j0 in range(0, nk - nk % bk if drop_k else nk, bk):
+            j1 = min(j0 + bk, nk)
+            s = q[..., i0:i1, :] @ k[..., j0:j1, :].transpose(-2, -1) * scale
+            if causal:
+                rows = torch.arange(i0, i1)[:, None]
+                s = s.masked_fill(torch.arange(j0, j1)[None, :] > rows + off, -math.inf)
+            m_new = torch.maximum(m, s.amax(-1))
+            shift = torch.where(torch.isneginf(m_new), torch.zeros_like(m_new), m_new)
+            p = torch.exp(s - shift[..., None])
+            alpha = torch.exp(m - shift)
+            l_new = alpha * l + p.sum(-1)
+            if each_step:
+                acc = (alpha[..., None] * acc + p @ v[..., j0:j1, :]) / l_new.clamp_min(1e-300)[..., None]
+            else:
+                acc = (alpha[..., None] * acc if rescale else acc) + p @ v[..., j0:j1, :]
+            m, l = m_new, l_new
+        out[..., i0:i1, :] = acc if each_step else acc / l.clamp_min(1e-300)[..., None]
+        lse[..., i0:i1] = m + torch.log(l)
+    return out, lse
+
+
+def _fa2_hint(got, q, k, v, causal, bq, bk, part) -> str:
+    """What the mistake in ``got`` (out or lse, ``part`` 0 or 1) probably is."""
+    nq, nk = q.shape[-2], k.shape[-2]
+    close = dict(rtol=1e-3, atol=1e-4)
+    known = [
+        (dict(rescale=False), "the output accumulator was not rescaled when the max grew: multiply "
+         "it by exp(m_old - m_new), as you do the running sum ℓ"),
+        (dict(each_step=True), "the output was divided by ℓ at every key tile without undoing the "
+         "previous division: keep the accumulator unnormalized and divide by ℓ once, after the "
+         "last key tile"),
+        (dict(scale=1.0), "the scores are not scaled: S = Q Kᵀ / sqrt(d)"),
+    ]
+    if causal and nq != nk:
+        known.append((dict(top_left=True), "the causal mask is aligned top-left (key j <= query i); "
+                      "align it bottom-right: query i sees key j iff j <= i + Nk - Nq"))
+    for mistake, hint in known:
+        if same(got, _fa2_loop(q, k, v, causal, bq, bk, **mistake)[part], **close):
+            return hint
+    exact = _fa2_loop(q, k, v, causal, bq, bk)[part]
+    if part == 1:
+        s = q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5
+        if causal:
+            s = s.masked_fill(torch.arange(nk)[None, :] > torch.arange(nq)[:, None] + nk - nq, -math.inf)
+        m = s.amax(-1)
+        if same(got, m, **close):
+            return "lse is the running max m: the logsumexp is m + log ℓ"
+        if same(got, exact - m, **close):
+            return "lse is log ℓ: add the running max, lse = m + log ℓ"
+    # the last, shorter tiles: compare the rows of the whole query tiles only
+    whole = nq - nq % bq
+    rows = (lambda t: t[..., :whole, :]) if part == 0 else (lambda t: t[..., :whole])
+    if torch.is_tensor(got) and got.shape == exact.shape and whole:
+        short_k = _fa2_loop(q, k, v, causal, bq, bk, drop_k=True)[part]
+        if nk % bk and same(got, short_k, **close):
+            return "the last, shorter key tile is missing: loop with range(0, Nk, block_k)"
+        if nk % bk and whole < nq and same(rows(got), rows(short_k), **close):
+            return ("the last, shorter tiles are missing: loop with range(0, Nq, block_q) and "
+                    "range(0, Nk, block_k)")
+        if whole < nq and same(rows(got), rows(exact), **close):
+            return (f"the rows of the last, shorter query tile ({whole}..{nq - 1}) are wrong: loop "
+                    "with range(0, Nq, block_q)")
+    if torch.is_tensor(got) and not torch.isfinite(got.double()).all():
+        return "exp overflowed: subtract the running max before exp"
+    return ""
+
+
+_FA2_CASES = [
+    # batch, heads, Nq, Nk, d, causal, block_q, block_k, size of q (large: large scores)
+    (1, 2, 200, 230, 24, True, 32, 48, 1.0),     # Nq != Nk, partial last tiles
+    (1, 2, 200, 230, 24, False, 32, 48, 1.0),
+    (2, 1, 77, 77, 40, True, 16, 16, 1.0),
+    (1, 2, 50, 30, 40, True, 16, 8, 1.0),        # Nq > Nk: 20 rows see no key
+    (1, 1, 33, 20, 24, False, 64, 64, 1.0),      # one tile larger than the sequence
+    (1, 2, 1, 100, 24, True, 16, 32, 1.0),       # one query, as in decoding
+    (1, 2, 90, 130, 40, False, 32, 32, 30.0),    # scores up to ~100: exp(100) overflows fp32
+]
+
+
+@exercise_check(student="my_fa2_forward")
+def check_fa2_forward(fa2):
+    """``fa2(q, k, v, causal, block_q, block_k) -> (out, lse)``: FA2's forward loop, in tiles, as
+    accurate in float32 as plain float32 attention (flash-attention's 2x rule)."""
+    from effdl.accuracy import within_baseline
+    from effdl.reference import attention_lse, naive_attention
+
+    g = _gen(4)
+    for B, H, nq, nk, d, causal, bq, bk, size in _FA2_CASES:
+        q = torch.randn(B, H, nq, d, generator=g) * size                # float32
+        k, v = (torch.randn(B, H, nk, d, generator=g) for _ in range(2))
+        where = (f"q {tuple(q.shape)}, k and v {tuple(k.shape)}, causal={causal}, "
+                 f"tiles {bq} x {bk}")
+        seen = observe(fa2, _fa2_trial, q, k, v, causal, bq, bk)
+        got = seen["got"]
+        fused = _fused(seen["made"])
+        require(fused is None, f"{where}: your function calls PyTorch's fused attention "
+                f"(`{fused}`); the exercise is to write the loop over tiles yourself")
+        require(isinstance(got, tuple) and len(got) == 2 and all(torch.is_tensor(t) for t in got),
+                f"{where}: return a tuple (out, lse) of two tensors, got {type(got).__name__}")
+        out, lse = got
+        q64, k64, v64 = q.double(), k.double(), v.double()          # the exact inputs
+        ref, ref_lse = naive_attention(q64, k64, v64, causal), attention_lse(q64, k64, v64, causal)
+        plain, plain_lse = naive_attention(q, k, v, causal), attention_lse(q, k, v, causal)
+        require(tuple(out.shape) == tuple(ref.shape), f"{where}: out has shape {tuple(out.shape)}, "
+                f"expected {tuple(ref.shape)}")
+        require(tuple(lse.shape) == tuple(ref_lse.shape), f"{where}: lse has shape "
+                f"{tuple(lse.shape)}, expected {tuple(ref_lse.shape)} (one logsumexp per query row)")
+        empty = torch.isneginf(ref_lse)                                # rows that see no key
+        if empty.any():
+            rows = f"the first {nq - nk} query rows see no key (Nq > Nk, causal)"
+            require(not torch.isnan(out[empty]).any() and not torch.isnan(lse[empty]).any(),
+                    f"{where}: {rows} and your output is NaN there: exp(-inf - (-inf)) is NaN; "
+                    "subtract 0 instead of the max where the max is still -inf")
+            require(bool((out[empty] == 0).all()), f"{where}: {rows}; their output must be 0")
+            require(bool(torch.isneginf(lse[empty]).all()),
+                    f"{where}: {rows}; their lse must be -inf (the log of an empty sum)")
+        for part, name, mine, exact, base in ((0, "out", out, ref, plain), (1, "lse", lse, ref_lse, plain_lse)):
+            rule = within_baseline(mine[~empty], base[~empty], exact[~empty])
+            hint = "" if rule else _fa2_hint(mine.double(), q64, k64, v64, causal, bq, bk, part)
+            require(bool(rule), f"{where}: {name} is {rule.err:.2g} from exact attention (float64), "
+                    f"more than twice plain float32 attention's error {rule.err_pt:.2g} "
+                    f"(bound {rule.bound:.2g})" + (f"; {hint}" if hint else ""))
+        if nq > bq and nk > bk:
+            why = _untiled(seen["made"], B * H, nq, nk, d, bq, bk)
+            require(why is None, f"{where}: {why}")
+
+
+# ------------------------------------------------------------------------------ one backward tile
+def _tile_reference(Q, dO, K, V, scale, visible, j0, j1):
+    """By autograd of plain attention (float64): ``(L, D, (dQ_i, dK_j, dV_j))`` for the query rows
+    ``Q`` against all keys ``K``, where ``(dQ_i, dK_j, dV_j)`` is what flows through the scores of
+    keys ``j0:j1`` alone: the loss is ⟨dO, softmax(S) V⟩ and only that tile's scores see a Q that
+    requires grad."""
+    Qt = Q.clone().requires_grad_(True)
+    Kg, Vg = K.clone().requires_grad_(True), V.clone().requires_grad_(True)
+    s = torch.cat([Q @ Kg[..., :j0, :].transpose(-2, -1), Qt @ Kg[..., j0:j1, :].transpose(-2, -1),
+                   Q @ Kg[..., j1:, :].transpose(-2, -1)], -1) * scale
+    s = s.masked_fill(~visible, -math.inf)
+    O = torch.softmax(s, -1) @ Vg
+    (O * dO).sum().backward()
+    L, D = torch.logsumexp(s, -1).detach(), (dO * O).sum(-1).detach()
+    return L, D, (Qt.grad, Kg.grad[..., j0:j1, :], Vg.grad[..., j0:j1, :])
+
+
+def _tile_variant(Q, dO, L, D, K, V, scale, mask, mistake):
+    """One backward tile with a known mistake (for the hints)."""
+    s = Q @ K.transpose(-2, -1) * scale
+    if mask is not None and mistake != "no_mask":
+        s = s.masked_fill(mask if mistake == "inverted" else ~mask, -math.inf)
+    if mistake == "no_L":
+        p = torch.exp(s)
+    elif mistake == "tile_softmax":
+        p = torch.softmax(s, -1)
+    else:
+        p = torch.exp(s - L[..., None])
+    dp = dO @ V.transpose(-2, -1)
+    if mistake == "tile_D":
+        D = (p * dp).sum(-1)
+    ds = p * dp if mistake == "no_D" else p * (dp - D[..., None])
+    c = 1.0 if mistake == "no_scale" else scale
+    square = p.shape[-1] == p.shape[-2]
+    dq = (ds.transpose(-2, -1) if mistake == "dQ_T" and square else ds) @ K * c
+    dk = (ds if mistake == "dK_T" and square else ds.transpose(-2, -1)) @ Q * c
+    dv = (p if mistake == "dV_T" and square else p.transpose(-2, -1)) @ dO
+    return dq, dk, dv
+
+
+_TILE_HINTS = {
+    "no_D": "dS = P ∘ dP leaves out D: dS = P ∘ (dP - D_i), with the given D_i = rowsum(dO_i ∘ O_i)",
+    "tile_D": ("D was summed over this tile's P ∘ dP only: softmax's Jacobian needs the whole row, "
+               "which is the given D_i = rowsum(dO_i ∘ O_i)"),
+    "dK_T": "dK must be dSᵀ Q · scale, (Bc, Br) @ (Br, d): dS is transposed for the keys",
+    "dQ_T": "dQ must be dS K · scale, (Br, Bc) @ (Bc, d): dS is not transposed for the queries",
+    "dV_T": "dV must be Pᵀ dO, (Bc, Br) @ (Br, d): P is transposed for the values",
+    "no_scale": "dQ and dK miss the factor scale: S = Q Kᵀ · scale, so dQ = dS K · scale, dK = dSᵀ Q · scale",
+    "no_L": "P was recomputed as exp(S): subtract the saved logsumexp, P = exp(S - L_i)",
+    "tile_softmax": ("P was normalized over this tile only: P = exp(S - L_i), with L_i the logsumexp "
+                     "of the whole row"),
+    "no_mask": "the mask was ignored: set the masked scores to -inf before exp (P = 0 there)",
+    "inverted": "the mask is inverted: True means the query sees the key",
+}
+
+
+def _tile_hint(got, args) -> str:
+    for mistake, hint in _TILE_HINTS.items():
+        if same(tuple(got), _tile_variant(*args, mistake), rtol=1e-7, atol=1e-9):
+            return hint
+    return ""
+
+
+_TILE_CASES = [
+    # batch, heads, Br, Bc, d, keys in the row, first key of the tile, mask, scale
+    (1, 2, 16, 16, 24, 64, 16, None, 24 ** -0.5),      # square: a transposition shows
+    (2, 1, 13, 7, 40, 35, 14, "causal", 0.3),          # the tile crosses the diagonal
+    (1, 2, 5, 33, 8, 50, 10, "random", 0.5),           # row 2 sees no key of this tile
+]
+
+
+@exercise_check(student="my_backward_tile")
+def check_backward_tile(tile):
+    """``tile(Qi, dOi, Li, Di, Kj, Vj, scale, mask) -> (dQi, dKj, dVj)``: one key tile's share of
+    the gradients, against autograd of plain attention."""
+    g = _gen(5)
+    for B, H, br, bc, d, nk, j0, kind, scale in _TILE_CASES:
+        j1 = j0 + bc
+        Q, dO = (torch.randn(B, H, br, d, generator=g, dtype=torch.float64) for _ in range(2))
+        K, V = (torch.randn(B, H, nk, d, generator=g, dtype=torch.float64) for _ in range(2))
+        visible = torch.ones(br, nk, dtype=torch.bool)
+        if kind == "causal":          # query r sees keys up to j0 + 3 + r
+            visible = torch.arange(nk)[None, :] <= torch.arange(br)[:, None] + j0 + 3
+        elif kind == "random":
+            visible[:, j0:j1] = torch.rand(br, bc, generator=g) < 0.6
+            visible[2, j0:j1] = False
+        L, D, ref = _tile_reference(Q, dO, K, V, scale, visible, j0, j1)
+        mask = None if kind is None else visible[:, j0:j1].clone()
+        args = (Q, dO, L, D, K[..., j0:j1, :], V[..., j0:j1, :], scale, mask)
+        got = tile(*(a.clone() if torch.is_tensor(a) else a for a in args))
+        where = (f"Qi {tuple(Q.shape)}, Kj {tuple(args[4].shape)} (keys {j0}..{j1 - 1} of {nk}), "
+                 f"mask {'None' if mask is None else kind}")
+        require(isinstance(got, (tuple, list)) and len(got) == 3, f"{where}: return a tuple (dQi, dKj, dVj)")
+        for i in (2, 1, 0):
+            assert_close(got[i], ref[i], what=f"{where}: {('dQi', 'dKj', 'dVj')[i]}", rtol=1e-7,
+                         atol=1e-9, hint=lambda: _tile_hint(got, args))
+
+
+# ------------------------------------------------------------------------------ decode intensity
+def _intensity_variants(B, H, Hkv, L, d, b):
+    flops = 4 * B * H * L * d
+    kv, qo = 2 * B * Hkv * L * d, 2 * B * H * d
+    return [
+        (flops / ((2 * B * H * L * d + qo) * b), "K and V were counted once per query head: the "
+         "heads / heads_kv query heads of a group share one K/V head, whose cache is read once"),
+        (flops / ((kv / 2 + qo) * b), "only K was counted: the V cache is read too"),
+        (flops / 2 / ((kv + qo) * b), "count 2 FLOPs per multiply-add: q·kᵀ takes 2·L·d FLOPs "
+         "per query head and P·v another 2·L·d"),
+        (flops / (kv + qo), "bytes_per_el was ignored: bytes = elements x bytes_per_el"),
+        (flops / (kv * b), "q (read) and the output (written), d elements per query head each, "
+         "are missing from the bytes: next to a short cache they count"),
+        (flops / ((kv + qo / 2) * b), "q or the output is missing from the bytes: q is read and the "
+         "output written, d elements per query head each"),
+        (flops / ((kv + qo) / B * b), "the bytes are for one sequence, the FLOPs for the batch"),
+    ]
+
+
+_DECODE_CASES = [
+    # batch, heads, heads_kv, L, d, bytes_per_el
+    (2, 32, 8, 64, 128, 2),          # GQA, a short cache
+    (1, 32, 32, 4096, 128, 2),       # MHA
+    (4, 32, 1, 16, 64, 2),           # MQA, a very short cache
+    (1, 8, 2, 100, 64, 1),           # 8-bit cache
+    (3, 16, 4, 32768, 128, 2),
+    (2, 12, 12, 40, 64, 4),          # float32
+]
+
+
+@exercise_check(student="my_decode_intensity")
+def check_decode_intensity(intensity):
+    """``intensity(batch, heads, heads_kv, L, d, bytes_per_el) -> float``: FLOPs per byte of one
+    decode step (within 0.1%)."""
+    from effdl.attention.decode import decode_intensity
+
+    for case in _DECODE_CASES:
+        got = intensity(*case)
+        where = "batch={}, heads={}, heads_kv={}, L={}, d={}, bytes_per_el={}".format(*case)
+        if torch.is_tensor(got) and got.numel() == 1:
+            got = got.item()
+        require(isinstance(got, numbers.Real) and not isinstance(got, bool),
+                f"{where}: return the intensity, one number (FLOPs / bytes), got {type(got).__name__}")
+        ref = decode_intensity(*case)["intensity"]
+        if not math.isclose(got, ref, rel_tol=1e-3):
+            hint = next((h for wrong, h in _intensity_variants(*case)
+                         if math.isclose(got, wrong, rel_tol=1e-6)), "")
+            raise AssertionError(f"{where}: intensity {got:.4g}, expected {ref:.4g} FLOP/byte"
+                                 + (f"; {hint}" if hint else ""))

@@ -274,3 +274,33 @@ def matmul_sweep(sides, *, d: int, heads: int, device="cpu", dtype=torch.float32
                          us_per_call=t_mm * 1e3 / calls,
                          exp_gelems=heads * b * b * calls / (t_ex * 1e-3) / 1e9))
     return rows
+
+
+def interleaved_prefill(N: int, *, d: int, batch: int, heads: int, device, rounds: int,
+                        warmup: int = 1, textbook: bool = True) -> list[dict]:
+    """Naive, the textbook FA2 loop (64 x 64 tiles), the engineered tiles and SDPA at one size,
+    timed in alternation (:func:`effdl.measure.interleaved`) so that they share the machine's
+    load.  One row per implementation: ``{"name": "interleaved", "impl", "N", "ms", "ms_min",
+    "ratio_to_sdpa", "ratio_q1", "ratio_q3", "peak_mem_bytes"}``; the ratio is the median of
+    the per-round ratios to SDPA's time, with its quartiles (the spread)."""
+    from effdl.attention.textbook import fa2_forward
+    from effdl.attention.tiled import tiled_attention
+    from effdl.measure import interleaved, quartiles
+
+    device = torch.device(device)
+    g = torch.Generator(device=device).manual_seed(0)
+    q, k, v = (torch.randn(batch, heads, N, d, device=device, generator=g) for _ in range(3))
+    fns = {"naive": lambda: naive_attention(q, k, v),
+           "tiled": lambda: tiled_attention(q, k, v),
+           "sdpa": lambda: F.scaled_dot_product_attention(q, k, v)}
+    if textbook:
+        fns["textbook_fa2"] = lambda: fa2_forward(q, k, v)
+    res = interleaved(fns, rounds=rounds, warmup=warmup, device=device)
+    base = res["sdpa"].times_ms
+    rows = []
+    for impl, r in res.items():
+        lo, med, hi = quartiles([a / b for a, b in zip(r.times_ms, base)])
+        rows.append(dict(name="interleaved", impl=impl, N=N, ms=r.median_ms, ms_min=r.min_ms,
+                         ratio_to_sdpa=med, ratio_q1=lo, ratio_q3=hi,
+                         peak_mem_bytes=peak_memory(fns[impl], device=device)))
+    return rows

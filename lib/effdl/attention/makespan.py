@@ -186,3 +186,33 @@ def rows(batches: dict[str, list[int]], heads_kv: int, sms: int,
                         **{k: sim[k] for k in ("tiles", "programs", "splits",
                                                "makespan", "utilization")}})
     return out
+
+
+#: the batches of the chapter and the benchmark: one long context, equal contexts, a mix (one
+#: 32k conversation among short ones), many short ones; 8 K/V heads on the H100's 132 SMs
+BATCHES = {
+    "1 x 128k": [131_072],
+    "8 x 8k": [8192] * 8,
+    "mixed": [32_768, 1024, 1536, 2048, 2560, 3072, 3584, 4096],
+    "64 x 512": [512] * 64,
+}
+
+
+def bench_rows(batches: dict[str, list[int]] | None = None, heads_kv: int = 8,
+               sms: int = 132) -> list[dict]:
+    """Benchmark rows of every schedule on ``batches`` (default :data:`BATCHES`):
+    ``{"name": "makespan", "batch", "schedule", "contexts", "sms", "makespan",
+    "utilization", "vs_fixed"}``, ``contexts`` as text, ``vs_fixed`` the utilization
+    over the unsplit schedule's on the same batch."""
+    batches = BATCHES if batches is None else batches
+    out = []
+    for r in rows(batches, heads_kv, sms):
+        ctx = batches[r["batch"]]
+        out.append({"name": "makespan", "batch": r["batch"], "schedule": r["schedule"],
+                    "contexts": ",".join(map(str, ctx)) if len(set(ctx)) > 1
+                    else f"{len(ctx)}x{ctx[0]}",
+                    "sms": sms, "makespan": r["makespan"], "utilization": r["utilization"]})
+    fixed = {r["batch"]: r["utilization"] for r in out if r["schedule"] == "fixed"}
+    for r in out:
+        r["vs_fixed"] = r["utilization"] / fixed[r["batch"]]
+    return out
