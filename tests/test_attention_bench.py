@@ -16,7 +16,19 @@ from effdl.profile import sizes
 def test_run_smoke_rows(smoke_bench_rows):
     S = sizes("attention", "smoke")
     rows, _, _ = smoke_bench_rows("attention")
-    assert {r["name"] for r in rows} == {"prefill", "decode"}
+    assert {r["name"] for r in rows} == {"prefill", "decode", "interleaved", "makespan"}
+    inter = [r for r in rows if r["name"] == "interleaved"]
+    assert {r["impl"] for r in inter} == {"naive", "textbook_fa2", "tiled", "sdpa"}
+    for r in inter:                                    # a median ratio inside its quartiles
+        assert r["N"] == S.target_N and r["ratio_q1"] <= r["ratio_to_sdpa"] <= r["ratio_q3"]
+        assert r["peak_mem_bytes"] > 0
+    assert next(r for r in inter if r["impl"] == "sdpa")["ratio_to_sdpa"] == 1
+    spans = [r for r in rows if r["name"] == "makespan"]
+    assert {"schedule", "contexts", "sms", "makespan", "utilization"} <= set(spans[0])
+    assert {r["schedule"] for r in spans} == {"fixed", "flash_decoding", "lean"}
+    mixed = {r["schedule"]: r["utilization"] for r in spans if r["batch"] == "mixed"}
+    assert mixed["lean"] >= 1.2 * mixed["fixed"] and mixed["lean"] >= 1.2 * mixed["flash_decoding"]
+    rows = [r for r in rows if r["name"] in ("prefill", "decode")]
     for r in rows:
         keys = {"name", "impl", "d", "batch", "heads", "causal", "dtype", "ms", "peak_mem_bytes"}
         assert keys <= set(r), r

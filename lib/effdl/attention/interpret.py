@@ -46,8 +46,13 @@ def _digest(*tensors) -> str:
 
 def _run_case(case: dict) -> dict:
     """Keys: kind ("prefill" | "grad" | "decode"), N (queries), Nk (keys, default N), d,
-    dtype ("float32" | "float16"), causal, batch, heads, splits (decode), blocks (prefill tile shape),
-    block_n (decode tile)."""
+    dtype ("float32" | "float16"), causal, batch, heads, kv_heads (decode: grouped K/V, default
+    heads), splits (decode), blocks (prefill tile shape; grad: the backward's (outer, inner) tiles),
+    block_n (decode tile).
+
+    A grad row also has ``grad_errs`` / ``grad_errs_pt`` (dq, dk, dv), ``backward`` (the path
+    ``backward_path`` chooses for this d) and ``wired`` (autograd's gradients are, to the bit, those
+    of calling the Triton backward directly: autograd did take the Triton path)."""
     import torch
 
     from effdl.accuracy import within_baseline
@@ -60,12 +65,15 @@ def _run_case(case: dict) -> dict:
     dt = getattr(torch, case.get("dtype", "float32"))
     causal = case.get("causal", kind == "decode")
     B, H = case.get("batch", 1), case.get("heads", 2)
+    h_kv = case.get("kv_heads", H)
     g = torch.Generator().manual_seed(case.get("seed", 0))
     q = torch.randn(B, H, N, d, generator=g).to(dt)
-    k = torch.randn(B, H, nk, d, generator=g).to(dt)
-    v = torch.randn(B, H, nk, d, generator=g).to(dt)
-    ref = naive_attention(q.double(), k.double(), v.double(), causal=causal)
-    pt = naive_attention(q, k, v, causal=causal)
+    k = torch.randn(B, h_kv, nk, d, generator=g).to(dt)
+    v = torch.randn(B, h_kv, nk, d, generator=g).to(dt)
+    # grouped K/V: the references read K/V head h // (H // H_kv) through an expanded copy
+    ke, ve = (t.repeat_interleave(H // h_kv, dim=1) for t in (k, v))
+    ref = naive_attention(q.double(), ke.double(), ve.double(), causal=causal)
+    pt = naive_attention(q, ke, ve, causal=causal)
     t0 = time.perf_counter()
     row = {**case}
     if kind == "prefill" and "blocks" in case:
@@ -81,15 +89,25 @@ def _run_case(case: dict) -> dict:
     elif kind == "decode":
         out = decode_attention(q, k, v, num_splits=case.get("splits", 3), backend="triton", causal=causal)
     elif kind == "grad":
+        from effdl.attention.triton_kernels import attention_backward, attention_forward, backward_path
+
         qr, kr, vr = (t.clone().requires_grad_() for t in (q, k, v))
         qd, kd, vd = (t.double().requires_grad_() for t in (q, k, v))
         do = torch.randn(B, H, N, d, generator=g).to(dt)
         g_ref = torch.autograd.grad(naive_attention(qd, kd, vd, causal=causal), (qd, kd, vd), do.double())
         g_pt = torch.autograd.grad(naive_attention(qr, kr, vr, causal=causal), (qr, kr, vr), do)
-        g_tr = torch.autograd.grad(triton_attention(qr, kr, vr, causal=causal), (qr, kr, vr), do)
+        blocks = tuple(case["blocks"]) if "blocks" in case else None
+        if blocks is None:                  # through autograd, as a user calls it
+            g_tr = torch.autograd.grad(triton_attention(qr, kr, vr, causal=causal), (qr, kr, vr), do)
+        out, lse = attention_forward(q, k, v, causal=causal)
+        g_direct = attention_backward(q, k, v, out, lse, do, causal=causal, blocks=blocks)
+        if blocks is not None:              # a tile shape only the direct call can choose
+            g_tr = g_direct
         rules = [within_baseline(a, b, c, factor=3) for a, b, c in zip(g_tr, g_pt, g_ref)]   # dq, dk, dv
         row.update(err=max(r.err for r in rules), err_pt=max(r.err_pt for r in rules), passed=all(rules),
-                   grad_errs=[r.err for r in rules], digest=_digest(*g_tr), seconds=time.perf_counter() - t0)
+                   grad_errs=[r.err for r in rules], grad_errs_pt=[r.err_pt for r in rules],
+                   backward=backward_path(d), wired=_digest(*g_tr) == _digest(*g_direct),
+                   digest=_digest(*g_tr), seconds=time.perf_counter() - t0)
         return row
     else:
         raise ValueError(f"unknown case kind {kind!r}")

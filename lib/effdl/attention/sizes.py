@@ -96,7 +96,9 @@ def work(S: Sizes):
     # the interleaved comparison: naive, the textbook loop (64 x 64 tiles), tiled, SDPA
     w += (S.repeat + 3) * (naive(S.target_N) + tiled(S.target_N) + tiled(S.target_N, 64, 64)
                            + fused(S.target_N))
-    for bq, bk in S.tiles:                               # section 3: a CPU lesson, on the host
+    # section 6 on a GPU: fp16 prefill at target_N, tiled + Triton + four SDPA backends, both masks
+    w += reps * 2 * (tiled(S.target_N) + 5 * fused(S.target_N))
+    for bq, bk in S.tiles:                               # the CPU appendix, on the host
         w += 2 * reps * tiled(S.tile_N, bq, bk, host=True)
     for b in S.matmul_tiles:
         w += 2 * reps * Work(host_flops=2 * H * 2 ** 22 * d, host_steps=max(1, 2 ** 22 // (b * b)))
