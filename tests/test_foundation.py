@@ -76,6 +76,16 @@ def test_table_json_roundtrip(tmp_path, capsys):
     assert json.loads((tmp_path / "r.json").read_text()) == json.loads(json.dumps(doc))
 
 
+def test_a_cell_ending_in_print_table_shows_the_table_once(capsys):
+    """The returned text must not be displayed again as a quoted repr with literal \\n."""
+    from IPython.core.interactiveshell import InteractiveShell
+
+    text = print_table([{"impl": "a", "ms": 1.5}])
+    data, _ = InteractiveShell.instance().display_formatter.format(text)
+    assert data == {}, data
+    assert text == capsys.readouterr().out.rstrip("\n")     # still the table's text
+
+
 def test_wide_table_is_printed_in_parts_that_fit_the_page():
     """A table wider than the site's 88 columns comes in parts, each repeating the row's name."""
     rows = [{"impl": f"impl-{i}", **{f"column_{c}": 123456.789 * c for c in range(12)}} for i in range(3)]

@@ -88,7 +88,7 @@ def _pieces(schedule, n_tiles, heads_kv, sms, num_splits):
                          for s in range(0, n, chunk)]
         return programs
     total = sum(n for _, _, n in units)                # lean: cut the tiles end to end
-    workers, unit, done = [], 0, 0                     # done: tiles of `unit` handed out
+    workers, unit, done = [], 0, 0                     # done: tiles of unit given
     for w in range(sms):
         want, segs = total // sms + (w < total % sms), []
         while want:

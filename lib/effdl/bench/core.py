@@ -133,7 +133,15 @@ def print_table(rows: Sequence[Row], columns: Sequence[str] | None = None, file=
             blocks.append("\n".join(lines))
         text = "\n\n".join(blocks)
     print(text, file=file)
-    return text
+    return _Printed(text)
+
+
+class _Printed(str):
+    """The text of a table already printed: a notebook cell ending in ``print_table(...)`` shows the
+    table once, not again as a quoted string with ``\\n`` in it."""
+
+    def _ipython_display_(self) -> None:
+        pass
 
 
 def plot_rows(
