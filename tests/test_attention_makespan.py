@@ -72,16 +72,21 @@ def test_fixed_is_greedy_in_launch_order():
 
 
 def test_flash_decoding_split_rule():
-    """⌈sms / (B·H)⌉ splits, capped by the longest request's tiles; equal chunks per request."""
+    """flash-attn's num_splits_heuristic: one split when the programs nearly fill the SMs; else the
+    fewest splits whose last wave is within 85% of the best fill; equal chunks per request."""
     n = [-(-L // 256) for L in MIXED]
-    assert makespan.flash_decoding_splits(n, 8, 132) == 3
+    # 64 programs on 132 SMs: 2 splits fill 128/132 = 97% of one wave, the best any count does
+    assert makespan.flash_decoding_splits(n, 8, 132) == 2
+    assert makespan.flash_decoding_splits([512], 8, 132) == 14     # 112 programs: 85% of 132
     assert makespan.flash_decoding_splits([2], 1, 132) == 2       # capped by the tiles
+    assert makespan.flash_decoding_splits([4] * 106, 1, 132) == 1  # >= 80% of the SMs: no split
+    assert makespan.flash_decoding_splits([8] * 66, 1, 132) == 2   # half the SMs: two splits fill them
     sim = simulate("flash_decoding", MIXED, 8, 132)
-    assert sim["splits"] == 3
-    # the longest request's 128 tiles in chunks of 43, 43, 42: its chunks set the makespan
-    assert sim["makespan"] == pytest.approx(0.5 + 43 + 2 * 0.1)
-    # chunks of ⌈k/3⌉ tiles: a 4-tile request makes 2 chunks of 2, not 3 (split_chunk's rule)
-    assert sim["programs"] == 8 * sum(-(-k // -(-k // 3)) for k in n) == 8 * 23
+    assert sim["splits"] == 2
+    # the longest request's 128 tiles in two chunks of 64: its chunks set the makespan
+    assert sim["makespan"] == pytest.approx(0.5 + 64 + 0.1)
+    # chunks of ⌈k/2⌉ tiles: every request makes 2 chunks
+    assert sim["programs"] == 8 * sum(-(-k // -(-k // 2)) for k in n) == 8 * 16
     forced = simulate("flash_decoding", MIXED, 8, 132, num_splits=1)
     assert forced["makespan"] == simulate("fixed", MIXED, 8, 132)["makespan"]
 

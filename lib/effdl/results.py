@@ -72,8 +72,9 @@ def describe_missing(chapter: str) -> str:
     import textwrap
 
     return textwrap.fill(
-        f"No recorded GPU run of the {chapter} benchmarks is in book/results/ yet, so this page "
-        f"shows CPU measurements only. On a GPU machine, `{REGENERATE}` records one.",
+        f"No recorded GPU run of the {chapter} benchmarks comes with this page: its numbers are "
+        f"the CPU's. Open the notebook on a GPU (the Colab badge at the top) to measure them "
+        f"there; `{REGENERATE}` records the whole suite on a GPU machine.",
         width=88, break_on_hyphens=False, break_long_words=False)
 
 

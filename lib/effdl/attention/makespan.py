@@ -24,8 +24,8 @@ Schedules:
   to the least-loaded SM — a GPU's block scheduler starting each program on the SM that
   frees first.
 - ``"flash_decoding"``: every (request, head) cut into the same number of splits,
-  chosen from the batch: ⌈sms / (B · heads_kv)⌉, enough programs to fill the SMs once,
-  capped by the tiles of the longest request.  Each request's chunks are equal
+  chosen from the batch by flash-attn's heuristic (:func:`flash_decoding_splits`):
+  as few splits as fill the SMs' waves to within 85% of the best possible.  Each request's chunks are equal
   (:func:`~effdl.attention.decode.split_chunk` on its tiles), so a short request gets
   short chunks and the longest request's chunks decide the makespan.  Dispatched like
   "fixed".
@@ -69,10 +69,26 @@ def _check(contexts, heads_kv, sms, tile, t_tile, t_launch, t_merge):
             raise ValueError(f"{name} must be a time >= 0, got {x!r}")
 
 
-def flash_decoding_splits(n_tiles: list[int], heads_kv: int, sms: int) -> int:
-    """The batch's split count: enough programs to fill the SMs once, ⌈sms / (B·H)⌉,
-    but never more than the tiles of the longest request."""
-    return min(-(-sms // (len(n_tiles) * heads_kv)), max(n_tiles))
+def flash_decoding_splits(n_tiles: list[int], heads_kv: int, sms: int,
+                          max_splits: int = 128) -> int:
+    """The batch's split count, by flash-attn's ``num_splits_heuristic``: one split
+    if the programs almost fill the SMs (>= 80%); else the smallest count whose wave
+    efficiency (programs / SMs over its ceiling) is within 85% of the best, among
+    counts that change the chunk size (of the longest request's tiles)."""
+    programs, n = len(n_tiles) * heads_kv, max(n_tiles)
+    if programs >= 0.8 * sms:
+        return 1
+    top = min(max_splits, sms, n)
+
+    def eligible(s):                                   # s - 1 splits would cut the same
+        return s == 1 or -(-n // s) != -(-n // (s - 1))
+
+    def efficiency(s):                                 # the last wave's filled fraction
+        waves = programs * s / sms
+        return waves / math.ceil(waves)
+
+    best = max(efficiency(s) for s in range(1, top + 1) if eligible(s))
+    return next(s for s in range(1, top + 1) if eligible(s) and efficiency(s) >= 0.85 * best)
 
 
 def _pieces(schedule, n_tiles, heads_kv, sms, num_splits):
