@@ -169,6 +169,124 @@ def _sdpa_fa2(q, k, v, causal, bq, bk):  # PyTorch's fused kernel for the output
     return F.scaled_dot_product_attention(q, k, v), _fa2(q, k, v, causal, bq, bk)[1]
 
 
+def _fa2_step(s, m, l, acc, vj):
+    """One key tile folded into a running state (m, l, acc): the online softmax, written out."""
+    m_new = torch.maximum(m, s.amax(-1))
+    shift = torch.where(torch.isneginf(m_new), 0.0, m_new)
+    p = torch.exp(s - shift[..., None])
+    alpha = torch.exp(m - shift)
+    return m_new, alpha * l + p.sum(-1), alpha[..., None] * acc + p @ vj
+
+
+def _scores(q, k, causal, i0, i1, j0, j1):
+    s = q[..., i0:i1, :] @ k[..., j0:j1, :].transpose(-2, -1) * q.shape[-1] ** -0.5
+    if causal:
+        off = k.shape[-2] - q.shape[-2]
+        s = s.masked_fill(torch.arange(j0, j1)[None, :] > torch.arange(i0, i1)[:, None] + off, -math.inf)
+    return s
+
+
+def _hbm_state(q, k, v, causal, bq, bk, *, key_outer=True):
+    """The running state (m, l, acc) of every query row in full-size tensors, read and written back
+    at each step: with key tiles outside, FlashAttention-1's order; with query tiles outside, FA2's
+    order with its state in slow memory."""
+    B, H, nq, d = q.shape
+    nk = k.shape[-2]
+    m, l, acc = q.new_full((B, H, nq), -math.inf), q.new_zeros(B, H, nq), torch.zeros_like(q)
+    pairs = [(i0, j0) for i0 in range(0, nq, bq) for j0 in range(0, nk, bk)]
+    for i0, j0 in sorted(pairs, key=lambda p: p[::-1]) if key_outer else pairs:
+        i1, j1 = min(i0 + bq, nq), min(j0 + bk, nk)
+        s = _scores(q, k, causal, i0, i1, j0, j1)
+        mi, li, ai = _fa2_step(s, m[..., i0:i1], l[..., i0:i1], acc[..., i0:i1, :], v[..., j0:j1, :])
+        m[..., i0:i1], l[..., i0:i1], acc[..., i0:i1, :] = mi, li, ai
+    return acc / l.clamp_min(1e-30)[..., None], m + torch.log(l)
+
+
+def _two_pass_fa2(q, k, v, causal, bq, bk):
+    """Per query tile, one pass over the key tiles for m and l, a second one for P V."""
+    B, H, nq, d = q.shape
+    nk = k.shape[-2]
+    out, lse = torch.zeros_like(q), q.new_full((B, H, nq), -math.inf)
+    for i0 in range(0, nq, bq):
+        i1 = min(i0 + bq, nq)
+        m, l = q.new_full((B, H, i1 - i0), -math.inf), q.new_zeros(B, H, i1 - i0)
+        for j0 in range(0, nk, bk):                      # pass 1: the row statistics
+            s = _scores(q, k, causal, i0, i1, j0, min(j0 + bk, nk))
+            m_new = torch.maximum(m, s.amax(-1))
+            shift = torch.where(torch.isneginf(m_new), 0.0, m_new)
+            l = l * torch.exp(m - shift) + torch.exp(s - shift[..., None]).sum(-1)
+            m = m_new
+        shift = torch.where(torch.isneginf(m), 0.0, m)
+        acc = q.new_zeros(B, H, i1 - i0, d)
+        for j0 in range(0, nk, bk):                      # pass 2: the output, with the final m and l
+            j1 = min(j0 + bk, nk)
+            acc = acc + torch.exp(_scores(q, k, causal, i0, i1, j0, j1) - shift[..., None]) @ v[..., j0:j1, :]
+        out[..., i0:i1, :], lse[..., i0:i1] = acc / l.clamp_min(1e-30)[..., None], m + torch.log(l)
+    return out, lse
+
+
+def _fa2_variant(q, k, v, causal, bq, bk, *, scale_q=True, f64=False, product="@", heads="batched",
+                 skip=True, reverse=False):
+    """Correct FA2 loops written other ways: the scale on q or on S, float64 inside, the product by
+    @, torch.matmul, torch.einsum or torch.bmm, a loop per head (outside or innermost), invisible
+    causal tiles skipped or masked, the key tiles in reverse order."""
+    B, H, nq, d = q.shape
+    nk = k.shape[-2]
+    dtype = q.dtype
+    if f64:
+        q, k, v = q.double(), k.double(), v.double()
+    c = d ** -0.5
+    out, lse = torch.zeros_like(q), q.new_full((B, H, nq), -math.inf)
+    mul = {"@": lambda a, b: a @ b.mT, "matmul": lambda a, b: torch.matmul(a, b.transpose(-2, -1)),
+           "einsum": lambda a, b: torch.einsum("...qd,...kd->...qk", a, b),
+           "bmm": lambda a, b: torch.bmm(a.reshape(-1, *a.shape[-2:]),
+                                         b.reshape(-1, *b.shape[-2:]).transpose(1, 2)).view(*a.shape[:-1], -1)}
+    every = [(slice(None), slice(None))]
+    each = [(b, h) for b in range(B) for h in range(H)]
+    for outer in each if heads == "outer" else every:
+        for i0 in range(0, nq, bq):
+            i1 = min(i0 + bq, nq)
+            state = {}
+            keys = list(range(0, nk, bk))
+            for j0 in keys[::-1] if reverse else keys:
+                j1 = min(j0 + bk, nk)
+                if causal and skip and j0 > i1 - 1 + nk - nq:
+                    continue
+                for n, (b, h) in enumerate(each if heads == "inner" else [outer]):
+                    qi = q[b, h, i0:i1] * c if scale_q else q[b, h, i0:i1]
+                    s = mul[product if qi.ndim == 4 or product != "bmm" else "@"](qi, k[b, h, j0:j1])
+                    s = s if scale_q else s * c
+                    if causal:
+                        s = s.masked_fill(torch.arange(j0, j1)[None, :] > torch.arange(i0, i1)[:, None] + nk - nq,
+                                          -math.inf)
+                    empty = q.new_full(s.shape[:-1], -math.inf)
+                    st = state.get(n, (b, h, empty, torch.zeros_like(empty), q.new_zeros(*empty.shape, d)))
+                    state[n] = (b, h, *_fa2_step(s, *st[2:], v[b, h, j0:j1]))
+            for b, h, m, l, acc in state.values():
+                out[b, h, i0:i1] = acc / l.clamp_min(1e-30)[..., None]
+                lse[b, h, i0:i1] = m + torch.log(l)
+    return out.to(dtype), lse.to(dtype)
+
+
+def _causal_io(N, d, Br, Bc, *, causal=True, diagonal=True, partial=True, lse=True, whole=True,
+               by_index=False, ints=True):
+    """Causal FA2's (reads, writes), as a student counts them, with the mistakes switched on."""
+    reads = N * d                                          # Q, once
+    for i, i0 in enumerate(range(0, N, Br)):
+        last = min(i0 + Br, N) - 1                         # the query tile's last query
+        if not causal:
+            tiles = -(-N // Bc)
+        elif by_index:                                     # right only when Br == Bc
+            tiles = i + 1
+        elif not ints:
+            tiles = last / Bc + 1
+        else:
+            tiles = last // Bc + 1 if diagonal else i0 // Bc    # else: strictly below the diagonal
+        keys = min(N, tiles * Bc) if partial else tiles * Bc
+        reads += 2 * (keys if whole else last + 1) * d     # K_j and V_j
+    return reads, N * d + (N if lse else 0)
+
+
 def _tile(Qi, dOi, Li, Di, Kj, Vj, scale, mask, *, use_D=True, tile_D=False, dk_T=True, scaled=True,
           use_L=True, use_mask=True, invert=False):
     """One backward key tile, as a student writes it, with the mistakes switched on."""
@@ -214,14 +332,14 @@ ATTENTION = [
     ("check_causal_tile_plan", lambda *a: _plan(*a, transpose=True), "\\(key tile, query tile\\)"),
     ("check_causal_tile_plan", lambda *a: _plan(*a, floor=True), "shorter tile"),
     ("check_causal_tile_plan", lambda *a: _plan(*a, strict_full=True), "should be 'full'"),
-    # FA2's I/O: whole numbers, partial tiles
-    ("check_fa2_io_count", lambda N, d, br, bc: (N * d + (N // br) * 2 * N * d, N * d + N), "⌈N/Br⌉"),
-    ("check_fa2_io_count", lambda N, d, br, bc: (N * d + N / br * 2 * N * d, N * d + N), "float"),
-    ("check_fa2_io_count", lambda N, d, br, bc: (N * d + -(-N // br) * 2 * -(-N // bc) * bc * d, N * d + N),
-     "partial last K/V tile"),
-    ("check_fa2_io_count", lambda N, d, br, bc: (N * d + -(-N // br) * 2 * N * d, N * d), "logsumexp"),
-    ("check_fa2_io_count", lambda N, d, br, bc: (N * d + -(-N // bc) * 2 * N * d, N * d + N),
-     "once per \\*query\\* tile"),
+    # causal FA2's I/O: the skipped tiles, the diagonal tiles, partial tiles, whole numbers
+    ("check_fa2_causal_io", lambda *a: _causal_io(*a, causal=False), "every key tile was counted"),
+    ("check_fa2_causal_io", lambda *a: _causal_io(*a, diagonal=False), "diagonal tiles are missing"),
+    ("check_fa2_causal_io", lambda *a: _causal_io(*a, partial=False), "last key tile was counted as Bc"),
+    ("check_fa2_causal_io", lambda *a: _causal_io(*a, lse=False), "one logsumexp per row is written too"),
+    ("check_fa2_causal_io", lambda *a: _causal_io(*a, ints=False), "float"),
+    ("check_fa2_causal_io", lambda *a: _causal_io(*a, whole=False), "only the visible keys"),
+    ("check_fa2_causal_io", lambda *a: _causal_io(*a, by_index=True), "unless Br = Bc"),
     # tile sizes: fit, whole numbers, a large query tile
     ("check_tile_sizes", lambda M, d: (M // d // 16 * 16, d), "elements on chip"),
     ("check_tile_sizes", lambda M, d: (M / (4 * d), min(d, M / (8 * d))), "float"),
@@ -252,6 +370,9 @@ ATTENTION = [
     ("check_fa2_forward", lambda *a: _fa2(*a, scale=False), "not scaled"),
     ("check_fa2_forward", lambda *a: _fa2(*a, running_max=False), "exp overflowed"),
     ("check_fa2_forward", lambda *a: _fa2(*a, safe=False), "see no key.*NaN.*-inf - \\(-inf\\)"),
+    ("check_fa2_forward", _hbm_state, "key tiles outside, query tiles inside is FlashAttention-1's order"),
+    ("check_fa2_forward", _two_pass_fa2, "twice: two passes over the keys: FA2 finds the max, the sum"),
+    ("check_fa2_forward", lambda *a: _hbm_state(*a, key_outer=False), "running state in slow memory"),
     # one backward key tile
     ("check_backward_tile", lambda *a: _tile(*a, use_D=False), "leaves out D"),
     ("check_backward_tile", lambda *a: _tile(*a, tile_D=True), "this tile's P ∘ dP only"),
@@ -278,6 +399,30 @@ def test_the_attention_helpers_without_mistakes_pass():
     checks.check_fa2_forward(lambda *a: _fa2(*a))
     checks.check_backward_tile(lambda *a: _tile(*a))
     checks.check_decode_intensity(lambda *a: _intensity(*a))
+    checks.check_fa2_causal_io(lambda *a: _causal_io(*a))
+
+
+@pytest.mark.parametrize("way", [
+    dict(scale_q=False, product="einsum"),
+    dict(f64=True, product="matmul", skip=False),
+    dict(product="bmm", reverse=True),
+    dict(heads="outer"),
+    dict(heads="inner", product="einsum", scale_q=False),
+], ids=lambda w: ",".join(f"{k}={v}" for k, v in w.items()))
+def test_fa2_loops_written_other_ways_pass(way):
+    """The check follows the tiles through the scale, a cast, any product and a loop over heads: FA2's
+    order written another way passes, and every product of a query tile with a key tile is seen."""
+    from effdl.attention import checks
+
+    checks.check_fa2_forward(lambda *a: _fa2_variant(*a, **way))
+    B, H, nq, nk, d, bq, bk = 2, 2, 70, 90, 8, 16, 32
+    q, k, v = torch.randn(B, H, nq, d), torch.randn(B, H, nk, d), torch.randn(B, H, nk, d)
+    seen = checks._fa2_trial(lambda *a: _fa2_variant(*a, **way), q, k, v, True, bq, bk)
+    logged = sorted((h, i, j) for kind, *tiles in seen["order"] if kind == "S"
+                    for h in tiles[0] for i in tiles[1] for j in tiles[2])
+    visible = [(h, i0 // bq, j0 // bk) for h in range(B * H) for i0 in range(0, nq, bq)
+               for j0 in range(0, nk, bk) if not way.get("skip", True) or j0 <= min(i0 + bq, nq) - 1 + nk - nq]
+    assert logged == sorted(visible)
 
 
 # ============================================================================== distill

@@ -139,8 +139,14 @@ def my_merge(m1, l1, acc1, m2, l2, acc2):
     return m1, l1, acc1
 def my_tile_plan(nq, nk, block_q, block_k):
     return {}
-def my_fa2_io(N, d, Br, Bc):
+def my_fa2_forward(q, k, v, causal, block_q, block_k):
+    return q, q[..., 0]
+def my_backward_tile(Qi, dOi, Li, Di, Kj, Vj, scale, mask):
+    return Qi, Kj, Vj
+def my_fa2_causal_io(N, d, Br, Bc):
     return 0, 0
+def my_decode_intensity(batch, heads, heads_kv, L, d, bytes_per_el):
+    return 1.0
 def my_tile_sizes(M, d):
     return 1, 1
 def my_split_merge(outs, lses):

@@ -1,7 +1,7 @@
 """Exercise checks of the attention chapter: each compares the student's function with the library's
 (or with autograd of plain attention), and checks what the exercise is about (one pass over the blocks,
-empty splits, whole tiles, a tile loop that never holds the whole score matrix, float32 accuracy by
-flash-attention's 2x rule)."""
+empty splits, whole tiles, a tile loop in FA2's order that never holds the whole score matrix, float32
+accuracy by flash-attention's 2x rule, the tiles causal masking skips)."""
 
 from __future__ import annotations
 
@@ -13,16 +13,16 @@ from torch.overrides import TorchFunctionMode
 
 from effdl.checks import assert_close, exercise_check, observe, require, same, when_solved  # noqa: F401
 
-__all__ = [
+__all__ = [                                  # in the order of the chapter's exercises
     "check_online_softmax",
     "check_merge_states",
-    "check_causal_tile_plan",
-    "check_fa2_io_count",
-    "check_tile_sizes",
-    "check_split_kv_merge",
     "check_fa2_forward",
+    "check_causal_tile_plan",
     "check_backward_tile",
+    "check_fa2_causal_io",
+    "check_tile_sizes",
     "check_decode_intensity",
+    "check_split_kv_merge",
 ]
 
 #: the library functions that answer each check: refused as answers, and held back in the student
@@ -31,7 +31,7 @@ REVEALS = {
     "check_online_softmax": ["effdl.attention.softmax.online_softmax"],
     "check_merge_states": ["effdl.attention.softmax.merge_states"],
     "check_causal_tile_plan": ["effdl.attention.tiled.causal_tile_plan"],
-    "check_fa2_io_count": ["effdl.attention.iosim._run_fa2", "effdl.attention.iosim.io_count",
+    "check_fa2_causal_io": ["effdl.attention.iosim._run_fa2", "effdl.attention.iosim.io_count",
                            "effdl.attention.iosim.closed_form"],
     "check_tile_sizes": ["effdl.attention.iosim.block_sizes", "effdl.attention.iosim.best_tiles",
                          "effdl.attention.iosim.optimum_rows"],
@@ -462,27 +462,67 @@ def _whole(x, what: str) -> int:
     return x
 
 
-@exercise_check(student="my_fa2_io")
-def check_fa2_io_count(io_fn):
-    """``io_fn(N, d, Br, Bc) -> (reads, writes)`` of FlashAttention-2's loop order (non-causal)."""
+def _causal_io_hint(reads, N, d, Br, Bc) -> str:
+    """What the mistake behind a wrong causal read count probably is."""
+    def total(keys, kv=2):
+        return N * d + kv * d * sum(keys(i0, min(i0 + Br, N)) for i0 in range(0, N, Br))
+
+    def tiles(i1):                                    # key tiles whose first key <= i1 - 1
+        return (i1 - 1) // Bc + 1
+
+    known = [
+        (total(lambda i0, i1: N), "every key tile was counted for every query tile, as without the "
+         "mask: causal FA2 skips the key tiles right of the diagonal, those whose first key is after "
+         "the query tile's last query"),
+        *((total(keys), "the diagonal tiles are missing: a key tile that holds any key <= the query "
+           "tile's last query is read, whole, and masked on chip")
+          for keys in (lambda i0, i1: i0 // Bc * Bc,            # tiles left of the first query
+                       lambda i0, i1: (i0 + 1) // Bc * Bc)),    # tiles that need no mask
+        (total(lambda i0, i1: tiles(i1) * Bc), "the last key tile was counted as Bc keys: a partial "
+         "last K/V tile holds only the keys left, N - (T_c - 1)·Bc"),
+        (total(lambda i0, i1: i1), "only the visible keys of the diagonal tile were counted: K_j and V_j "
+         "are read as whole tiles (all their keys up to N), the mask is applied on chip"),
+        (total(lambda i0, i1: min(N, (i0 // Br + 1) * Bc)), "query tile i does not visit i + 1 key "
+         "tiles unless Br = Bc: it visits the key tiles up to the one holding its last query, "
+         "⌊(i1 - 1)/Bc⌋ + 1 of them"),
+        (total(lambda i0, i1: min(N, tiles(i1) * Bc), kv=1), "only K was counted: V_j is read with "
+         "K_j, 2·d elements per key"),
+    ]
+    return next((hint for wrong, hint in known if reads == wrong), "")
+
+
+_CAUSAL_IO_CASES = [
+    # N, d, Br, Bc
+    (64, 8, 16, 8),          # Br = 2 Bc: every tile boundary on the diagonal
+    (100, 16, 30, 7),        # nothing divides: partial last tiles on both sides
+    (77, 8, 16, 32),         # Br < Bc: several query tiles share a diagonal key tile
+    (45, 8, 13, 13),         # square tiles, N not a multiple
+    (513, 32, 40, 32),
+    (130, 16, 64, 24),
+    (50, 4, 64, 64),         # one tile larger than the sequence
+    (1, 4, 1, 1),
+]
+
+
+@exercise_check(student="my_fa2_causal_io")
+def check_fa2_causal_io(io_fn):
+    """``io_fn(N, d, Br, Bc) -> (reads, writes)`` of FlashAttention-2's loop with causal tile
+    skipping (Nq = Nk = N), in the model of :func:`effdl.attention.iosim.io_count` (``mma=1``)."""
     from effdl.attention.iosim import io_count
 
-    for N, d, br, bc in [(64, 8, 16, 8), (100, 16, 30, 7), (513, 32, 40, 32), (1, 4, 1, 1), (50, 4, 64, 64)]:
-        ref = io_count("fa2", N, d, M=10 ** 9, Br=br, Bc=bc)
+    for N, d, br, bc in _CAUSAL_IO_CASES:
+        ref = io_count("fa2", N, d, M=10 ** 9, causal=True, mma=1, Br=br, Bc=bc)
         got = io_fn(N, d, br, bc)
         where = f"N={N}, d={d}, Br={br}, Bc={bc}"
         require(isinstance(got, (tuple, list)) and len(got) == 2, "return a tuple (reads, writes)")
         reads, writes = _whole(got[0], f"{where}: reads"), _whole(got[1], f"{where}: writes")
-        hint = ""
-        if reads == N * d + (N // br) * 2 * N * d:
-            hint = " (⌈N/Br⌉ query tiles: the last, shorter one counts too)"
-        elif reads == N * d + -(-N // br) * 2 * (-(-N // bc) * bc) * d:
-            hint = " (a partial last K/V tile holds fewer rows: summing the tiles gives exactly N rows)"
-        elif reads == N * d + -(-N // bc) * 2 * N * d:
-            hint = " (K and V are re-read once per *query* tile: ⌈N/Br⌉ times)"
-        require(reads == ref.reads, f"{where}: reads {reads}, expected {ref.reads} "
-                "(Q once; every K and V tile once per query tile; partial last tiles count what they hold)" + hint)
-        hint = " (one logsumexp per row is written too)" if writes == N * d else ""
+        hint = _causal_io_hint(reads, N, d, br, bc)
+        require(reads == ref.reads, f"{where}: reads {reads}, expected {ref.reads} (Q once; for each "
+                "query tile, K_j and V_j of every key tile whose first key <= the tile's last query; a "
+                "partial tile counts what it holds)" + (f"; {hint}" if hint else ""))
+        hint = {N * d: "; one logsumexp per row is written too, for the backward pass",
+                N * d + 2 * N: "; only the logsumexp L = m + log ℓ is written, one per row, not m and ℓ"
+                }.get(writes, "")
         require(writes == ref.writes, f"{where}: writes {writes}, expected {ref.writes} "
                 "(O once, plus one logsumexp per row)" + hint)
 
@@ -585,33 +625,219 @@ _VIEWS = {"__getitem__", "view", "view_as", "reshape", "reshape_as", "transpose"
           "__get__", "detach"}
 
 
-class _Allocations(TorchFunctionMode):
-    """Notes every tensor the torch functions called under it return, views left out:
-    ``{(function, shape, floating point)}``."""
+#: operations whose result does not depend on the values of their tensor arguments (only on
+#: their shape, dtype or device): a row of q or k does not flow into it
+_FRESH = {"zeros", "ones", "full", "empty", "empty_strided", "arange", "rand", "randn", "randint", "tensor",
+          "as_tensor", "scalar_tensor", "linspace", "logspace", "eye", "size", "dim", "numel"}
+#: operations that multiply q's rows with k's rows when given one of each (matmul and friends)
+_PRODUCT = _CONTRACT | {"linear", "addmm", "baddbmm", "addbmm", "chain_matmul", "multi_dot"}
+_INPLACE_DUNDER = {"__setitem__", "__iadd__", "__isub__", "__imul__", "__itruediv__", "__idiv__", "__ipow__"}
+_ROWS = ("_effdl_q_rows", "_effdl_k_rows")   # where the rows of q and of k are kept on a tensor
 
-    def __init__(self):
+
+def _rows(t, label):
+    """The row ids of q or k (``label``) a tensor's elements carry, or None: ``(b·H + h)·N + row + 1``
+    for an element that came from that row of head ``h`` of sequence ``b``, 0 for any other."""
+    rows = getattr(t, label, None)
+    return rows if rows is not None and rows.shape == t.shape else None
+
+
+class _Follow(TorchFunctionMode):
+    """Under it, the student's forward loop: notes every tensor the torch functions called return,
+    views left out (``made``: ``{(function, shape, floating point)}``), and follows the rows of q
+    and k through slices, views, casts and elementwise ops (the scale, ``.double()``), so that every
+    product of q's rows with k's rows is logged with the tiles it multiplies: ``["S", heads,
+    query tiles, key tiles]``, a head being ``b·H + h``.  A write into a tensor as tall as the whole
+    query sequence (``["W", op, shape]``, consecutive writes noted once) shows where the running
+    state lives."""
+
+    def __init__(self, nq, nk, block_q, block_k):
         super().__init__()
         self.made: dict = {}
+        self.events: list = []
+        self.n = (nq, nk)
+        self.blocks = (block_q, block_k)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
         name = getattr(func, "__name__", str(func))
         if name not in _VIEWS:
             for t in out if isinstance(out, (list, tuple)) else (out,):
                 if torch.is_tensor(t):
                     self.made.setdefault((name, tuple(t.shape), t.is_floating_point()), None)
+        try:
+            self._follow(func, name, args, kwargs, out)
+        except Exception:  # following is best effort: it never breaks the student's code
+            pass
         return out
+
+    def _follow(self, func, name, args, kwargs, out):
+        tensors = [a for a in _flat(list(args) + list(kwargs.values())) if torch.is_tensor(a)]
+        inplace = name in _INPLACE_DUNDER or (name.endswith("_") and not name.startswith("_"))
+        if inplace and args and torch.is_tensor(args[0]):
+            self._write(args[0], name)
+        carried = [label for label in _ROWS if any(_rows(t, label) is not None for t in tensors)]
+        if not carried:
+            return
+        if name in _PRODUCT:
+            self._product(tensors)
+            return
+        if name in _FRESH or name.startswith("new_") or name.endswith("_like") or name in _REDUCE:
+            return
+        for label in carried:
+            if name == "__setitem__":
+                target = args[0]
+                rows = _rows(target, label)
+                rows = rows.clone() if rows is not None else torch.zeros(target.shape, dtype=torch.long)
+                value = args[2] if len(args) > 2 else None
+                rows[args[1]] = _rows(value, label) if torch.is_tensor(value) and _rows(value, label) is not None \
+                    else 0
+                setattr(target, label, rows)
+            elif name in _MOVE:
+                _label(out, self._moved(func, name, args, kwargs, label), label)
+            elif torch.is_tensor(out):
+                _label(out, _broadcast_rows(tensors, out, label), label)
+
+    @staticmethod
+    def _moved(func, name, args, kwargs, label):
+        """The same move applied to the row ids."""
+        def ids(a):
+            if isinstance(a, (list, tuple)):
+                return type(a)(ids(x) for x in a)
+            if torch.is_tensor(a):
+                rows = _rows(a, label)
+                return rows if rows is not None else torch.zeros(a.shape, dtype=torch.long)
+            return a
+
+        new, kw = [ids(args[0]), *args[1:]], dict(kwargs)
+        if name == "pad":
+            new, kw = new[:2], {"value": 0}
+        return func(*new, **kw)
+
+    def _product(self, tensors):
+        nq, nk = self.n
+        bq, bk = self.blocks
+        found = []
+        for label, n, b in ((_ROWS[0], nq, bq), (_ROWS[1], nk, bk)):
+            ids = [r[r > 0] for r in (_rows(t, label) for t in tensors) if r is not None]
+            ids = torch.unique(torch.cat(ids)) - 1 if ids else torch.zeros(0, dtype=torch.long)
+            if not ids.numel():
+                return  # not a product of q's rows with k's rows
+            found.append((set((ids // n).tolist()), sorted(set((ids % n // b).tolist()))))
+        (q_heads, q_tiles), (k_heads, k_tiles) = found
+        heads = sorted(q_heads & k_heads) or sorted(q_heads)
+        self.events.append(["S", heads, q_tiles, k_tiles])
+
+    def _write(self, target, name):
+        base = target._base if target._base is not None else target
+        nq, bq = self.n[0], self.blocks[0]
+        if nq > bq and base.ndim and nq in tuple(base.shape[-2:]):
+            if not self.events or self.events[-1][0] != "W":
+                self.events.append(["W", name, list(base.shape)])
+
+
+def _label(out, rows, label):
+    """Give ``out`` (a tensor or a tuple of them) the row ids ``rows`` where they fit."""
+    if isinstance(out, (list, tuple)):
+        for o, r in zip(out, rows if isinstance(rows, (list, tuple)) else [None] * len(out)):
+            _label(o, r, label)
+    elif torch.is_tensor(out) and torch.is_tensor(rows) and rows.shape == out.shape and bool((rows > 0).any()):
+        setattr(out, label, rows)
+
+
+def _broadcast_rows(tensors, out, label):
+    """The row ids of an elementwise result: each input's, broadcast to the result's shape."""
+    found = None
+    for t in tensors:
+        rows = _rows(t, label)
+        if rows is None:
+            continue
+        try:
+            rows = torch.broadcast_to(rows, out.shape)
+        except RuntimeError:
+            continue
+        found = rows if found is None else torch.maximum(found, rows)
+    return found
+
+
+def _row_ids(t):
+    """Row ids ``(b·H + h)·N + row + 1`` for every element of a ``(B, H, N, d)`` tensor."""
+    B, H, N, d = t.shape
+    ids = torch.arange(1, B * H * N + 1).view(B, H, N, 1)
+    return ids.expand(B, H, N, d).contiguous()
 
 
 def _fa2_trial(fa2, q, k, v, causal, block_q, block_k):
     """Driver (runs where the student's code lives): call ``fa2`` and note every tensor the torch
-    functions it calls create.  Returns ``{"got": what it returned, "made": [[op, shape, floating], ...]}``."""
-    probe = _Allocations()
+    functions it calls create, and every product of q's rows with k's rows (see :class:`_Follow`).
+    Returns ``{"got": what it returned, "made": [[op, shape, floating], ...], "order": [event, ...]}``."""
+    probe = _Follow(q.shape[-2], k.shape[-2], block_q, block_k)
+    q, k = q.detach(), k.detach()           # new tensor objects, to carry the row ids
+    setattr(q, _ROWS[0], _row_ids(q))
+    setattr(k, _ROWS[1], _row_ids(k))
     with probe:
         got = fa2(q, k, v, causal, block_q, block_k)
     if isinstance(got, (tuple, list)):
         got = tuple(g.detach().clone() if torch.is_tensor(g) else g for g in got)
-    return {"got": got, "made": [[op, list(shape), fl] for op, shape, fl in probe.made]}
+    return {"got": got, "made": [[op, list(shape), fl] for op, shape, fl in probe.made],
+            "order": probe.events}
+
+
+def _loop_order(events, nq, nk, bq, bk) -> str | None:
+    """Why the products logged by :func:`_fa2_trial` are not FA2's loop, or None: a (query tile,
+    key tile) product made twice (two passes over the keys), a query tile whose products resume
+    after another query tile's (FA1's order), or a write into a tensor of all ``nq`` query rows
+    between two key tiles of the same query tile (the running state kept in slow memory)."""
+    def rows(t, b, n):
+        return f"{t * b}..{min(t * b + b, n) - 1}"
+
+    count: dict = {}
+    current: dict = {}        # head -> the query tile of its last product
+    finished: dict = {}       # head -> the query tiles it has left
+    written: set = set()      # heads with a full-size write since their last product
+    twice = resumed = state = None
+    write = None
+    for event in events:
+        if event[0] == "W":
+            written |= set(current)
+            write = event
+            continue
+        _, heads, q_tiles, k_tiles = event
+        qt = tuple(q_tiles)
+        for h in heads:
+            for i in q_tiles:
+                for j in k_tiles:
+                    count[(h, i, j)] = count.get((h, i, j), 0) + 1
+                    if count[(h, i, j)] == 2 and twice is None:
+                        twice = (i, j)
+            if h in current and current[h] != qt:
+                finished.setdefault(h, set()).add(current[h])
+            if qt in finished.get(h, ()) and resumed is None:
+                resumed = (qt[0], current[h][0])
+            if h in written and current.get(h) == qt and state is None:
+                state = (write, qt[0])
+            current[h] = qt
+            written.discard(h)
+    if twice:
+        i, j = twice
+        return (f"query tile {i} (rows {rows(i, bq, nq)}) was multiplied with key tile {j} (keys "
+                f"{rows(j, bk, nk)}) twice: two passes over the keys: FA2 finds the max, the sum and the "
+                "output in one pass over the key tiles, rescaling ℓ and the accumulator by "
+                "exp(m_old - m_new) whenever a tile raises the max")
+    if resumed:
+        i, other = resumed
+        return (f"the products of query tile {i} resume after those of query tile {other}: key tiles "
+                "outside, query tiles inside is FlashAttention-1's order, which sends every query "
+                "tile's m, ℓ and output back to slow memory after each key tile; FA2 swaps the loops: "
+                "for each query tile, every key tile once, its state kept on chip until the last one")
+    if state is not None:
+        (_, op, shape), i = state
+        return (f"`{op}` wrote into a tensor of shape {tuple(shape)} (all {nq} query rows) between two "
+                f"key tiles of query tile {i}: that keeps the running state in slow memory; FA2 keeps "
+                "m, ℓ and the accumulator of the current query tile in tensors of its size and writes "
+                "the output and lse once, after its last key tile")
+    return None
 
 
 _FUSED = ("scaled_dot_product", "flash_attention", "efficient_attention", "cudnn_attention")
@@ -742,7 +968,9 @@ _FA2_CASES = [
 @exercise_check(student="my_fa2_forward")
 def check_fa2_forward(fa2):
     """``fa2(q, k, v, causal, block_q, block_k) -> (out, lse)``: FA2's forward loop, in tiles, as
-    accurate in float32 as plain float32 attention (flash-attention's 2x rule)."""
+    accurate in float32 as plain float32 attention (flash-attention's 2x rule), in FA2's order: query
+    tiles outside; for each, every key tile once (one product Q_i K_jᵀ per pair, invisible causal
+    tiles may be skipped), the running state in tensors of the query tile's size."""
     from effdl.accuracy import within_baseline
     from effdl.reference import attention_lse, naive_attention
 
@@ -785,6 +1013,8 @@ def check_fa2_forward(fa2):
         if nq > bq and nk > bk:
             why = _untiled(seen["made"], B * H, nq, nk, d, bq, bk)
             require(why is None, f"{where}: {why}")
+        why = _loop_order(seen.get("order", []), nq, nk, bq, bk)
+        require(why is None, f"{where}: {why}")
 
 
 # ------------------------------------------------------------------------------ one backward tile
