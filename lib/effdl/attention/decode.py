@@ -119,6 +119,36 @@ def split_kv_partials(
     t = torch.arange(g * nq, device=q.device) % nq
     key_limit = t + (L - nq) if causal else torch.full_like(t, L - 1)
     chunk = split_chunk(L, num_splits)
+    if L % chunk == 0 and k.is_contiguous() and v.is_contiguous():
+        out, lse = _equal_chunks(qs, k, v, chunk, key_limit, acc)
+    else:
+        out, lse = _chunk_by_chunk(qs, k, v, chunk, key_limit, acc)
+    if g > 1:                                          # rows back to (H, Nq)
+        out = out.unflatten(-2, (g, nq)).flatten(-4, -3)
+        lse = lse.unflatten(-1, (g, nq)).flatten(-3, -2)
+    return out, lse
+
+
+def _equal_chunks(qs, k, v, chunk, key_limit, acc):
+    """All chunks at once: when they tile each head's keys exactly, (..., n, c, d) is a
+    view of a contiguous cache and the two products are single batched matmuls — a few
+    operations in all, whatever the number of splits (a CPU pays per operation)."""
+    n = k.shape[-2] // chunk
+    kc, vc = k.unflatten(-2, (n, chunk)), v.unflatten(-2, (n, chunk))  # (..., n, c, d)
+    s = (qs.unsqueeze(-3) @ kc.transpose(-2, -1)).to(acc)  # (..., n, G·Nq, c)
+    key = torch.arange(n * chunk, device=qs.device).view(n, 1, chunk)
+    s = s.masked_fill(key > key_limit[:, None], float("-inf"))
+    m = s.amax(dim=-1)                                 # (..., n, G·Nq)
+    p = torch.exp(s - safe_shift(m)[..., None])        # fully masked rows: 0
+    l = p.sum(dim=-1)
+    out = finalize((p.to(vc.dtype) @ vc).to(acc), l)   # (..., n, G·Nq, dv)
+    return out.movedim(-3, 0), state_lse(m, l).movedim(-2, 0)
+
+
+def _chunk_by_chunk(qs, k, v, chunk, key_limit, acc):
+    """One chunk at a time, each a view of the cache (a shorter last chunk, or a cache
+    with spare capacity, would make the batched view copy the whole cache)."""
+    L = k.shape[-2]
     outs, lses = [], []
     for start in range(0, L, chunk):
         # one chunk at a time, each a view of the cache: the chunks taken together as
@@ -126,18 +156,14 @@ def split_kv_partials(
         # head's rows exactly (no shorter last chunk, no spare capacity)
         kc, vc = k[..., start:start + chunk, :], v[..., start:start + chunk, :]
         s = (qs @ kc.transpose(-2, -1)).to(acc)        # (..., H_kv, G·Nq, c)
-        key = torch.arange(start, start + kc.shape[-2], device=q.device)
+        key = torch.arange(start, start + kc.shape[-2], device=qs.device)
         s = s.masked_fill(key > key_limit[:, None], float("-inf"))
         m = s.amax(dim=-1)                             # (..., H_kv, G·Nq)
         p = torch.exp(s - safe_shift(m)[..., None])    # fully masked rows: 0
         l = p.sum(dim=-1)
         outs.append(finalize((p.to(v.dtype) @ vc).to(acc), l))
         lses.append(state_lse(m, l))
-    out, lse = torch.stack(outs), torch.stack(lses)    # (S, ..., H_kv, G·Nq[, dv])
-    if g > 1:                                          # rows back to (H, Nq)
-        out = out.unflatten(-2, (g, nq)).flatten(-4, -3)
-        lse = lse.unflatten(-1, (g, nq)).flatten(-3, -2)
-    return out, lse
+    return torch.stack(outs), torch.stack(lses)        # (S, ..., H_kv, G·Nq[, dv])
 
 
 def decode_attention(
