@@ -93,8 +93,8 @@ def work(S: Sizes):
     for N in sorted(set(S.seq_lens) | {S.target_N}):     # section 2: the three, both masks
         for c in (False, True):
             w += reps * (naive(N) + tiled(N, causal=c) + fused(N, c))
-    # the interleaved comparison: naive, the textbook loop (64 x 64 tiles), tiled, SDPA
-    w += (S.repeat + 3) * (naive(S.target_N) + tiled(S.target_N) + tiled(S.target_N, 64, 64)
+    # the interleaved comparison: naive, the textbook loop (128 x 128 tiles), tiled, SDPA
+    w += (S.repeat + 3) * (naive(S.target_N) + tiled(S.target_N) + tiled(S.target_N, 128, 128)
                            + fused(S.target_N))
     # section 6 on a GPU: fp16 prefill at target_N, tiled + Triton + four SDPA backends, both masks
     w += reps * 2 * (tiled(S.target_N) + 5 * fused(S.target_N))
