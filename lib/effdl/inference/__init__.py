@@ -1,0 +1,21 @@
+"""effdl.inference — language-model inference: decoding loops and speculative decoding.
+
+- :mod:`effdl.inference.loops`       — greedy generation and its per-token costs
+  (time to first token, time per output token)
+- :mod:`effdl.inference.speculative` — speculative decoding, greedy and sampled, on the
+  shared models of :mod:`effdl.lm` (a ``target`` and a smaller ``draft``)
+"""
+
+from effdl.inference.loops import decode_costs, generate_greedy
+from effdl.inference.speculative import (
+    SpecStats,
+    accept_or_resample,
+    acceptance_probability,
+    expected_tokens_per_call,
+    speculative_greedy,
+    speculative_sample,
+)
+
+__all__ = ["SpecStats", "accept_or_resample", "acceptance_probability", "decode_costs",
+           "expected_tokens_per_call", "generate_greedy", "speculative_greedy",
+           "speculative_sample"]
