@@ -5,7 +5,10 @@ The empirical characteristic function of features ``f`` (n, d) at frequencies ``
 Comparing two sets at frequency t splits into an **amplitude** term ``(|Φ_r| − |Φ_s|)²`` (how spread
 the sets are) and a **phase** term ``2|Φ_r||Φ_s|(1 − cos(θ_r − θ_s))`` (where they sit); the two add
 up to ``|Φ_r − Φ_s|²``.  With ``t ~ N(0, σ²I)`` the mean of ``|Φ_r − Φ_s|²`` over t is the squared
-MMD with the Gaussian kernel ``exp(−σ²‖x − y‖²/2)``.
+MMD with the Gaussian kernel ``exp(−σ²‖x − y‖²/2)``.  The loss :func:`cf_discrepancy` is not
+that MMD: it takes a square root per frequency before averaging; with α = β = ½ it is the mean of
+``|Φ_r − Φ_s| / √2``, at most MMD/√2 by Jensen's inequality, and with α ≠ β not a function of
+``|Φ_r − Φ_s|`` at all.
 """
 
 from __future__ import annotations
@@ -101,8 +104,8 @@ class _PairedCF(torch.autograd.Function):
 
 def paired_cf(f_real: torch.Tensor, f_syn: torch.Tensor, t: torch.Tensor):
     """``(*empirical_cf(f_real, t), *empirical_cf(f_syn, t))`` in one fused pass (same values and
-    gradients, less work: see :class:`_PairedCF`).  ``f_real`` and ``f_syn`` have the same leading
-    (class) axes and feature dim; their row counts may differ."""
+    gradients, one matmul and one cos/sin pass shared: see :class:`_PairedCF`).  ``f_real`` and
+    ``f_syn`` have the same leading (class) axes and feature dim; their row counts may differ."""
     return _PairedCF.apply(f_real, f_syn, t)
 
 
@@ -131,7 +134,8 @@ def cf_discrepancy(
     beta: float = 0.5,
 ) -> torch.Tensor:
     """NCFM's discrepancy: mean over frequencies of ``sqrt(α·amplitude + β·phase)``
-    (a scalar).
+    (a scalar).  With α = β = ½ each root is ``|Φ_r(t) − Φ_s(t)| / √2``: a mean of
+    ``|ΔΦ|``, not the Gaussian-kernel MMD² (a mean of ``|ΔΦ|²``), and at most MMD/√2.
 
     ``f_real`` (n, d), ``f_syn`` (k, d), ``t`` (m, d).  Batched (classes, n, d) and
     (classes, k, d) features give the sum over classes of the per-class

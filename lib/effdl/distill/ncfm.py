@@ -150,19 +150,23 @@ def cancelled_sampler_step(
     alpha: float = 0.5,
     beta: float = 0.5,
 ) -> tuple[float, float]:
-    """The PITFALL (the official code's order): backward(loss), then backward(−loss),
-    then step.
+    """The PITFALL, the sampler's half of the official order: backward(loss), then
+    backward(−loss), then step.
 
-    Both backward passes accumulate into the same ``.grad``: ``g + (−g) = 0``, so the
-    sampler's step does nothing (and any image gradient accumulated the same way
-    cancels too).  Returns (before, after) like :func:`sampler_ascent_step`; they come
-    out equal.
+    Both backward passes accumulate into the sampler's ``.grad``: ``g + (−g) = 0``, so
+    its step does nothing.  In the official loop (gszfwsb/NCFM,
+    ``condenser/compute_loss.py``, ``compute_match_loss``, commit 7a59d7b) the images'
+    optimizer steps *between* the two passes and zeroes their gradient before the
+    second, so the images get the correct step; only the sampler's gradient cancels.
+    This function leaves the image step out.  Returns (before, after) like
+    :func:`sampler_ascent_step`; they come out equal.
     """
     noise = sampler.draw_noise()
     optimizer.zero_grad(set_to_none=True)
     loss = summed_discrepancy(f_real, f_syn, sampler(noise), alpha, beta)
     loss.backward(retain_graph=True)  # "for the images"
-    (-loss).backward()  # "for the sampler": cancels the first
+    # (the official loop steps the images and zeroes their grad here: left out)
+    (-loss).backward()  # "for the sampler": cancels the first in the sampler's .grad
     optimizer.step()
     with torch.no_grad():
         after = summed_discrepancy(
