@@ -19,3 +19,15 @@ from effdl.inference.speculative import (
 __all__ = ["SpecStats", "accept_or_resample", "acceptance_probability", "decode_costs",
            "expected_tokens_per_call", "generate_greedy", "speculative_greedy",
            "speculative_sample"]
+
+# Serving: a paged KV cache allocator and a static-vs-continuous batching simulator.
+from effdl.inference.paged import (  # noqa: E402
+    BlockAllocator,
+    ContiguousAllocator,
+    OutOfBlocks,
+    PagedSequence,
+)
+from effdl.inference.serving import Request, make_trace  # noqa: E402
+
+__all__ += ["BlockAllocator", "ContiguousAllocator", "OutOfBlocks", "PagedSequence",
+            "Request", "make_trace"]
