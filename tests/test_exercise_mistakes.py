@@ -681,7 +681,85 @@ MEASURING = [
     ("check_read_profile", lambda ev: _read(ev, scale=1e9), "not a fraction"),
 ]
 
-MISTAKES = {"attention": ATTENTION, "distill": DISTILL, "tokens": TOKENS, "measuring": MEASURING}
+# ============================================================================== inference
+def _kv_bytes(config, tokens, batch, b, *, two=True, kv=True, layers=True, head=True, per_seq=True):
+    head_dim = config["d_model"] // config["n_head"] if head else config["d_model"]
+    heads = config["n_kv_head"] if kv else config["n_head"]
+    n = (2 if two else 1) * (config["n_layer"] if layers else 1) * heads * head_dim
+    return n * tokens * (batch if per_seq else 1) * b
+
+
+def _append(kc, vc, n, kn, vn, *, at=0, whole=False, new=True, swap=False):
+    end = n + kn.shape[2]
+    kc[:, :, n + at:end + at] = kn
+    vc[:, :, n + at:end + at] = vn
+    k, v = (kc, vc) if whole else (kc[:, :, :end if new else n], vc[:, :, :end if new else n])
+    return (v, k) if swap else (k, v)
+
+
+def _gather(pool, table, length, *, use_table=True, order=True, trim=True):
+    if not use_table:
+        return pool.reshape(-1, pool.shape[-1])[:length]
+    t = table if order else sorted(table)
+    out = torch.cat([pool[b] for b in t])
+    return out[:length] if trim else out
+
+
+def _greedy(drafted, best, *, bonus=True, prefix=True, own=True):
+    d, b = [int(x) for x in drafted], [int(x) for x in best]
+    if prefix:
+        a = 0
+        while a < len(d) and d[a] == b[a]:
+            a += 1
+        kept = d[:a]
+    else:
+        kept = [x for x, y in zip(d, b) if x == y]
+        a = len(kept)
+    if not bonus:
+        return kept
+    if not own and a < len(d):
+        return kept + [d[a]]
+    return kept + [b[a]]
+
+
+def _spec(p, q, x, u, w, *, residual=True, invert=False, normalize=True, clamp=True, fixed=False):
+    px, qx = p.gather(1, x[:, None])[:, 0], q.gather(1, x[:, None])[:, 0]
+    accept = (u < 0.5) if fixed else (u * qx < px)
+    accept = ~accept if invert else accept
+    r = (p - q) if residual else p
+    r = r.clamp_min(0) if clamp else r
+    cdf = r.cumsum(1)
+    if normalize:
+        cdf = cdf / cdf[:, -1:].clamp_min(1e-300)
+    redraw = torch.searchsorted(cdf, w[:, None], right=True)[:, 0].clamp_max(p.shape[1] - 1)
+    return torch.where(accept, x, redraw)
+
+
+INFERENCE = [
+    ("check_kv_cache_bytes", lambda c, t, b, e: _kv_bytes(c, t, b, e, two=False), "factor 2"),
+    ("check_kv_cache_bytes", lambda c, t, b, e: _kv_bytes(c, t, b, e, kv=False), "n_kv_head"),
+    ("check_kv_cache_bytes", lambda c, t, b, e: _kv_bytes(c, t, b, e, layers=False), "n_layer"),
+    ("check_kv_cache_bytes", lambda c, t, b, e: _kv_bytes(c, t, b, e, head=False), "d_model // n_head"),
+    ("check_kv_cache_bytes", lambda c, t, b, e: _kv_bytes(c, t, b, e, per_seq=False), "batch"),
+    ("check_append_kv", lambda *a: _append(*a, at=-1), "not length - 1"),
+    ("check_append_kv", lambda *a: _append(*a, whole=True), "preallocated buffer"),
+    ("check_append_kv", lambda *a: _append(*a, new=False), "shape"),
+    ("check_append_kv", lambda *a: _append(*a, swap=True), "swapped"),
+    ("check_gather_kv", lambda p, t, n: _gather(p, t, n, use_table=False), "table names"),
+    ("check_gather_kv", lambda p, t, n: _gather(p, t, n, order=False), "not sorted"),
+    ("check_gather_kv", lambda p, t, n: _gather(p, t, n, trim=False), "partly"),
+    ("check_greedy_accept", lambda d, b: _greedy(d, b, bonus=False), "bonus"),
+    ("check_greedy_accept", lambda d, b: _greedy(d, b, prefix=False), "first disagreement"),
+    ("check_greedy_accept", lambda d, b: _greedy(d, b, own=False), "not the draft's"),
+    ("check_accept_or_resample", lambda *a: _spec(*a, residual=False), "residual"),
+    ("check_accept_or_resample", lambda *a: _spec(*a, invert=True), "inverted"),
+    ("check_accept_or_resample", lambda *a: _spec(*a, fixed=True), "not a fixed one"),
+    ("check_accept_or_resample", lambda *a: _spec(*a, normalize=False), "differ"),
+    ("check_accept_or_resample", lambda *a: _spec(*a, clamp=False), "differ"),
+]
+
+MISTAKES = {"attention": ATTENTION, "distill": DISTILL, "tokens": TOKENS, "measuring": MEASURING,
+            "inference": INFERENCE}
 CASES = [pytest.param(ch, *m, id=f"{ch}-{m[0]}-{i}") for ch, ms in MISTAKES.items() for i, m in enumerate(ms)]
 
 

@@ -23,6 +23,8 @@ def source_of(obj: Any) -> str:
 
 
 def _origin(obj: Any) -> str:
+    # why unwrap: a decorated function (torch.no_grad()) would name the decorator's file
+    obj = inspect.unwrap(obj) if callable(obj) else obj
     try:
         file = Path(inspect.getsourcefile(obj) or "")
         line = inspect.getsourcelines(obj)[1]

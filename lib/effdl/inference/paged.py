@@ -23,12 +23,15 @@ to stop admitting or to preempt.
 
 from __future__ import annotations
 
+import torch
+
 __all__ = [
     "BlockAllocator",
     "ContiguousAllocator",
     "ContiguousSequence",
     "OutOfBlocks",
     "PagedSequence",
+    "gather_kv",
 ]
 
 
@@ -143,6 +146,23 @@ class PagedSequence:
         self.allocator.release(self.block_table)
         self.allocator.used_slots -= self.used_slots
         self.block_table, self.used_slots = [], 0
+
+
+def gather_kv(pool: torch.Tensor, block_table, length: int) -> torch.Tensor:
+    """One sequence's keys (or values) in order, read through its block table.
+
+    pool (num_blocks, block_size, ...): the physical blocks of every sequence;
+    block_table: the sequence's physical block ids, logical block i -> block_table[i];
+    returns (length, ...).  Token t lives in block block_table[t // block_size] at
+    offset t % block_size; a paged attention kernel does this lookup per tile instead of
+    materializing the gathered copy.
+    """
+    bs = pool.shape[1]
+    if not 0 <= length <= len(block_table) * bs:
+        raise ValueError(f"length must lie in [0, {len(block_table) * bs}] (the slots "
+                         f"of {len(block_table)} blocks), got {length}")
+    idx = torch.as_tensor(list(block_table), dtype=torch.long)
+    return pool[idx].flatten(0, 1)[:length]        # (blocks·bs, ...) -> (length, ...)
 
 
 # --------------------------------------------------------------------------- contiguous

@@ -36,7 +36,7 @@ from effdl.lm.generation import encode
 from effdl.lm.model import ByteLM, KVCache, check_tokens
 
 __all__ = ["SpecStats", "accept_or_resample", "acceptance_probability",
-           "expected_tokens_per_call", "greedy_round", "propose", "sample",
+           "expected_tokens_per_call", "greedy_accept", "greedy_round", "propose", "sample",
            "sample_round", "speculative_greedy", "speculative_sample"]
 
 
@@ -155,11 +155,19 @@ def _leading_true(mask) -> int:
     return int(mask.int().cumprod(0).sum())
 
 
+def greedy_accept(drafted: torch.Tensor, best: torch.Tensor) -> tuple[int, int]:
+    """The greedy rule: drafted (k,), the target's argmax best (k + 1,) after each fed
+    token.  Returns ``(a, token)``: keep d_1..d_a, the longest prefix on which the
+    target agrees, then the target's own best[a] (a correction, or a bonus if a = k)."""
+    a = _leading_true(drafted == best[:drafted.shape[0]])
+    return a, int(best[a])
+
+
 def greedy_round(target, draft, seq, t_cache, d_cache, k: int):
     """One greedy round on seq (1, L): ``(seq (1, L + a + 1), a accepted)``."""
     drafted, _ = propose(draft, seq, d_cache, k, lambda z: z.argmax(-1, keepdim=True))
     best = _score(target, seq, drafted, t_cache).argmax(-1)       # (k + 1,)
-    a = _leading_true(drafted[0] == best[:k])
+    a, token = greedy_accept(drafted[0], best)
     return _commit(seq, drafted, a, best[a], t_cache, d_cache), a
 
 

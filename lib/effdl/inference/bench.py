@@ -1,0 +1,66 @@
+"""``python -m effdl.bench inference``: the chapter's measurements as rows.
+
+Rows carry :data:`effdl.inference.experiments.ROW_FIELDS` (``None`` where a field does
+not apply): the naive loop and the KV cache, TTFT/TPOT, static vs continuous batching
+(simulated with this machine's measured forward costs) and their KV waste, speculative
+decoding, PPD and KV prediction.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from effdl.inference import experiments as E
+from effdl.measure import cpu_thread_policy
+
+__all__ = ["run", "gpu_suite"]
+
+
+def _models(S, device):
+    from effdl import lm
+
+    target = lm.load("target", S.models, device=device, verbose=False)
+    draft = lm.load("draft", S.models, device=device, verbose=False)
+    return target, draft
+
+
+def _serving(target, S, costs) -> list[dict]:
+    t_fixed, t_tok = E.calibrate(costs)
+    out = []
+    for r in E.serving_rows(target.config, S.requests, S.rate, S.serve_batches, S.block,
+                            t_fixed, t_tok, seeds=(0,)):
+        out.append(E.row(r["method"], batch=r["batch"], tokens_per_s=r["tokens_per_s"],
+                         p50_ms=r["p50_ms"], p95_ms=r["p95_ms"], kv_waste=r["kv_waste"],
+                         simulated=True))
+    return out
+
+
+def _steps(target, S) -> tuple[list[dict], list[dict]]:
+    costs = E.step_costs(target, (S.prompt, 2 * S.prompt), S.batches, S.prompt, S.repeat)
+    rows = []
+    for c in costs:
+        if c["kind"] == "prefill":
+            rows.append(E.row("prefill", batch=1, prompt_len=c["tokens"], ttft_ms=c["ms"]))
+        else:
+            rows.append(E.row("decode step", batch=c["batch"], prompt_len=S.prompt,
+                              tpot_ms=c["ms"], tokens_per_s=c["batch"] / c["ms"] * 1e3,
+                              kv_bytes=target.new_cache(c["batch"]).nbytes()))
+    return costs, rows
+
+
+def run(S, device: torch.device) -> list[dict]:
+    """Every measurement of the chapter at sizes ``S`` (models trained on first use)."""
+    with cpu_thread_policy(device, S.threads), torch.no_grad():
+        target, draft = _models(S, device)
+        rows = E.generation_sweep(target, S.totals, S.prompt, S.repeat)
+        costs, step_rows = _steps(target, S)
+        rows += step_rows + _serving(target, S, costs)
+        prompt = E.prompt_of(S.prompt, device=device)
+        rows += E.speculative_rows(target, draft, prompt, S.gen, S.spec_ks, S.repeat)
+        return rows
+
+
+def gpu_suite(device: torch.device, S) -> list[dict]:
+    """The same measurements with the gpu-profile models on a GPU (trained there on first
+    use: a few minutes on a datacenter GPU)."""
+    return run(S, device)

@@ -1,0 +1,275 @@
+"""The measurements of the inference chapter, one function per section.
+
+Every timing here is interleaved (:func:`effdl.measure.interleaved`): the versions being
+compared run round by round, so a drift of the shared machine cannot pass for a
+difference; each row keeps the median and the quartiles of its rounds.
+"""
+
+from __future__ import annotations
+
+import statistics
+
+import numpy as np
+import torch
+
+from effdl.inference import serving
+from effdl.inference.speculative import speculative_greedy
+from effdl.lm.generation import generate
+from effdl.lm.model import ByteLM, LMConfig, kv_bytes_per_token
+from effdl.measure import count_flops, interleaved, quartiles
+
+__all__ = ["REAL_CONFIGS", "ROW_FIELDS", "calibrate", "generation_sweep", "kinetics", "load_models",
+           "kv_table", "prompt_of", "row", "serving_rows", "speculative_rows",
+           "step_costs"]
+
+#: the fields of every benchmark row (``None`` where one does not apply)
+ROW_FIELDS = ("method", "batch", "prompt_len", "gen_len", "ttft_ms", "tpot_ms",
+              "tokens_per_s", "kv_bytes", "acceptance", "speedup")
+
+
+def row(method: str, **fields) -> dict:
+    """A benchmark row with every field of :data:`ROW_FIELDS` (others may follow)."""
+    out = {k: None for k in ROW_FIELDS}
+    out.update(method=method, **fields)
+    return out
+
+
+def prompt_of(length: int, seed: int = 0, split: str = "held_out",
+              device=None) -> torch.Tensor:
+    """A real prompt: ``length`` bytes of held-out standard-library source, (1, length).
+
+    Why real text and not random bytes: speculative decoding and PPD accept guesses only
+    where the text is predictable, and random bytes are not text.
+    """
+    from effdl.lm.data import load_corpus
+
+    data = getattr(load_corpus(1_000_000), split)
+    g = torch.Generator().manual_seed(seed)
+    i = int(torch.randint(0, len(data) - length, (1,), generator=g))
+    return data[i:i + length].long()[None].to(device)
+
+
+def _device(model: ByteLM) -> torch.device:
+    return model.embed.weight.device
+
+
+def _spread(times: list[float]) -> dict:
+    q1, med, q3 = quartiles(times)
+    return {"ms": med, "ms_q1": q1, "ms_q3": q3}
+
+
+def load_models(device=None) -> tuple[ByteLM, ByteLM]:
+    """The profile's two trained models of :mod:`effdl.lm`, ``(large, draft)``: the
+    large model speculative decoding speeds up, and its small draft (trained on first
+    use, then read from the disk cache)."""
+    from effdl import lm
+
+    return lm.load("target", device=device), lm.load("draft", device=device)
+
+
+# ------------------------------------------------------------------ naive loop vs KV cache
+
+def generation_sweep(model: ByteLM, totals, prompt: int, repeat: int) -> list[dict]:
+    """Time greedy generation up to each total length, naive loop vs KV cache.
+
+    The prompt is ``min(prompt, total // 4)`` tokens, the rest is generated.  One row
+    per (method, total) with tokens/s over the generated tokens and the speed-up of the
+    cache (per-round ratio, median)."""
+    out = []
+    for total in totals:
+        p = max(1, min(prompt, total // 4))
+        idx, n = prompt_of(p, device=_device(model)), total - p
+        res = interleaved({"naive": lambda: generate(model, idx, n, cached=False),
+                           "kv_cache": lambda: generate(model, idx, n, cached=True)},
+                          rounds=repeat, warmup=1, device=_device(model))
+        ratios = [a / b for a, b in zip(res["naive"].times_ms, res["kv_cache"].times_ms)]
+        for method, r in res.items():
+            s = _spread(r.times_ms)
+            out.append(row(method, batch=1, prompt_len=p, gen_len=n,
+                           tokens_per_s=n / s["ms"] * 1e3,
+                           speedup=statistics.median(ratios) if method == "kv_cache"
+                           else 1.0, total=total, **s))
+    return out
+
+
+@torch.no_grad()
+def step_costs(model: ByteLM, prompt_lens, batches, context: int, repeat: int) -> list[dict]:
+    """Prefill of each prompt length (batch 1) and one decode step at each batch size
+    (context ``context``): the two kinds of forward a server runs, in ms."""
+    fns, shapes, dev = {}, {}, _device(model)
+    for p in prompt_lens:
+        idx = prompt_of(p, device=dev)
+        fns[f"prefill {p}"] = lambda idx=idx: model.prefill(idx)
+        shapes[f"prefill {p}"] = ("prefill", 1, p)
+    for b in batches:
+        _, cache = model.prefill(prompt_of(context, device=dev).expand(b, -1).contiguous())
+        tok = torch.zeros(b, 1, dtype=torch.long, device=dev)
+
+        def step(cache=cache, tok=tok):                   # decode, then forget the token
+            model.decode_step(tok, cache)
+            cache.crop(context)
+        fns[f"decode {b}"], shapes[f"decode {b}"] = step, ("decode", b, 1)
+    res = interleaved(fns, rounds=repeat, warmup=2, device=dev)
+    out = []
+    for name, (kind, b, t) in shapes.items():
+        s = _spread(res[name].times_ms)
+        out.append({"kind": kind, "batch": b, "tokens": b * t, **s})
+    return out
+
+
+def calibrate(costs: list[dict]) -> tuple[float, float]:
+    """Least-squares ``t_fixed + t_per_token * tokens`` (seconds) through the measured
+    forwards of :func:`step_costs`: the serving simulator's cost model, from this
+    machine."""
+    x = np.array([c["tokens"] for c in costs], float)
+    y = np.array([c["ms"] for c in costs], float) / 1e3
+    slope, intercept = np.polyfit(x, y, 1)
+    return max(float(intercept), 1e-6), max(float(slope), 0.0)
+
+
+# ---------------------------------------------------------------------------- serving
+
+def trace_for(config: LMConfig, requests: int, rate: float, seed: int = 0):
+    """A Poisson trace whose prompts and outputs fit the model's context: log-normal
+    lengths with medians of an eighth of the context, clipped to 3/8 of it each."""
+    L = config.max_len
+    prompt = ("lognormal", L // 8, 0.8, 4, 3 * L // 8)
+    output = ("lognormal", L // 8, 1.0, 4, 3 * L // 8)
+    return serving.make_trace(requests, rate, prompt, output, seed=seed)
+
+
+def serving_rows(config: LMConfig, requests: int, rate: float, batches, block: int,
+                 t_fixed: float, t_per_token: float, seeds=(0, 1, 2)) -> list[dict]:
+    """Static vs continuous batching on the same traces, for each batch size.
+
+    The KV pool of continuous batching is what static batching reserves at the same
+    batch size (``batch * max_len`` slots): equal memory.  One row per (scheduler,
+    batch, seed) with throughput (tokens/s), p50/p95 latency (s), and the KV waste."""
+    out = []
+    for seed in seeds:
+        trace = trace_for(config, requests, rate, seed)
+        for b in batches:
+            for sched in ("static", "continuous"):
+                r = serving.run(sched, trace, batch=b, max_len=config.max_len,
+                                num_blocks=b * config.max_len // block,
+                                block_size=block, t_fixed=t_fixed,
+                                t_per_token=t_per_token)
+                out.append({k: v for k, v in r.items()
+                            if k not in ("finish", "generated")} | {"seed": seed})
+    return out
+
+
+# ------------------------------------------------------------------------ KV memory
+
+#: published model configurations (each repository's config.json on the Hugging Face
+#: Hub: meta-llama/Llama-2-7b-hf, meta-llama/Llama-2-70b-hf, meta-llama/Meta-Llama-3-8B,
+#: mistralai/Mistral-7B-v0.1): layers, attention heads, KV heads, hidden size; the
+#: parameter counts are computed from the same files
+REAL_CONFIGS = {
+    "Llama-2-7B": dict(n_layer=32, n_head=32, n_kv_head=32, d_model=4096,
+                       params=6.74e9),
+    "Llama-2-70B": dict(n_layer=80, n_head=64, n_kv_head=8, d_model=8192,
+                        params=69.0e9),
+    "Llama-3-8B": dict(n_layer=32, n_head=32, n_kv_head=8, d_model=4096, params=8.03e9),
+    "Mistral-7B": dict(n_layer=32, n_head=32, n_kv_head=8, d_model=4096, params=7.24e9),
+}
+
+
+def kv_per_token(n_layer, n_head, n_kv_head, d_model, bytes_per=2, **_) -> int:
+    """K and V of one token, every layer: 2 · layers · KV heads · head dim · bytes."""
+    return 2 * n_layer * n_kv_head * (d_model // n_head) * bytes_per
+
+
+def kv_table(model: ByteLM, context: int = 4096) -> list[dict]:
+    """KV bytes per token and for one ``context``-token sequence: this model (fp32) and
+    the published configurations (fp16), with what GQA saves against full heads."""
+    c = model.config
+    rows = [{"model": "this course's target (fp32)", "layers": c.n_layer,
+             "kv_heads": f"{c.n_kv_head}/{c.n_head}",
+             "kv_per_token": kv_bytes_per_token(c, torch.float32),
+             "without_gqa": kv_bytes_per_token(c, torch.float32) * c.n_head
+             // c.n_kv_head}]
+    for name, cfg in REAL_CONFIGS.items():
+        full = dict(cfg, n_kv_head=cfg["n_head"])
+        rows.append({"model": f"{name} (fp16)", "layers": cfg["n_layer"],
+                     "kv_heads": f"{cfg['n_kv_head']}/{cfg['n_head']}",
+                     "kv_per_token": kv_per_token(**cfg),
+                     "without_gqa": kv_per_token(**full)})
+    for r in rows:
+        r[f"GiB per {context} tokens"] = r["kv_per_token"] * context / 2**30
+    return rows
+
+
+# -------------------------------------------------------------------- speculative
+
+def speculative_rows(target: ByteLM, draft: ByteLM, prompt: torch.Tensor, n: int,
+                     ks, repeat: int) -> list[dict]:
+    """Target alone vs speculative decoding with each draft length k, interleaved.
+
+    Every speculative output is compared with the target's own greedy output (a
+    mismatch raises).  Rows: acceptance rate, target calls per token, and the speed-up
+    over the target alone (median of the per-round ratios, with quartiles)."""
+    ref = generate(target, prompt, n, cached=True)
+    fns = {"target": lambda: generate(target, prompt, n, cached=True)}
+    stats = {}
+    for k in ks:
+        ids, st = speculative_greedy(target, draft, prompt, n, k)
+        if not torch.equal(ids, ref):
+            raise AssertionError(f"speculative decoding with k={k} changed the output")
+        stats[k] = st
+        fns[f"k={k}"] = lambda k=k: speculative_greedy(target, draft, prompt, n, k)
+    res = interleaved(fns, rounds=repeat, warmup=1, device=_device(target))
+    base = res["target"].times_ms
+    out = [row("large model alone", batch=1, prompt_len=prompt.shape[1], gen_len=n,
+               tokens_per_s=n / statistics.median(base) * 1e3, speedup=1.0,
+               k=0, calls_per_token=1.0, **_spread(base))]
+    for k, st in stats.items():
+        t = res[f"k={k}"].times_ms
+        q1, med, q3 = quartiles([b / a for a, b in zip(t, base)])
+        out.append(row("speculative", batch=1, prompt_len=prompt.shape[1], gen_len=n,
+                       tokens_per_s=n / statistics.median(t) * 1e3,
+                       acceptance=st.acceptance_rate, accept_rate=st.acceptance_rate,
+                       speedup=med, speedup_q1=q1,
+                       speedup_q3=q3, k=k, calls_per_token=st.target_calls_per_token,
+                       **_spread(t)))
+    return out
+
+
+# ------------------------------------------------------------------------ Kinetics
+
+def decode_token_cost(cfg: dict, context: int, batch: int = 1, bytes_per: int = 2):
+    """FLOPs and bytes of generating one token per sequence at ``context`` tokens.
+
+    Parameters: read once per step for the whole batch (2 FLOPs each per sequence).
+    Attention: Q·K and P·V over the context, 4 · context · layers · heads · head dim
+    FLOPs per sequence, and each sequence reads its own K and V (context · KV bytes per
+    token).  Returns per-step totals for the batch."""
+    head_dim = cfg["d_model"] // cfg["n_head"]
+    attn = 4 * context * cfg["n_layer"] * cfg["n_head"] * head_dim
+    return {"param_bytes": cfg["params"] * bytes_per,
+            "kv_bytes": batch * context * kv_per_token(**cfg, bytes_per=bytes_per),
+            "param_flops": 2 * cfg["params"] * batch, "attn_flops": attn * batch}
+
+
+def kinetics(contexts, batch: int = 1, configs=None) -> list[dict]:
+    """Bytes and FLOPs per decode step as the context grows, per configuration; the
+    context where the KV cache's traffic overtakes the weights' is ``crossover``."""
+    configs = REAL_CONFIGS if configs is None else configs
+    out = []
+    for name, cfg in configs.items():
+        cross = cfg["params"] * 2 / (batch * kv_per_token(**cfg))
+        for L in contexts:
+            c = decode_token_cost(cfg, L, batch)
+            out.append({"model": name, "context": L, "batch": batch, **c,
+                        "kv_share": c["kv_bytes"] / (c["kv_bytes"] + c["param_bytes"]),
+                        "crossover": cross})
+    return out
+
+
+def counted_step_flops(model: ByteLM, context: int) -> int:
+    """FLOPs of one decode step of ``model`` at ``context``, counted by PyTorch's
+    counter (:func:`effdl.measure.count_flops`): the formula's check on a real model."""
+    _, cache = model.prefill(prompt_of(context, device=_device(model)))
+    tok = torch.zeros(1, 1, dtype=torch.long, device=_device(model))
+    with torch.no_grad():
+        return count_flops(lambda: model.decode_step(tok, cache))
