@@ -279,7 +279,7 @@ def tcc_budget(
     density: torch.Tensor,
     tokens_per_crop: int,
     keep: float,
-    ref_density: float = 0.5,
+    ref_density: float = 0.7,
     min_per_crop: int = 1,
 ) -> torch.Tensor:
     """Tokens each crop keeps: ``T * keep ** (ref_density / density)``, clamped to
