@@ -57,7 +57,36 @@ def run(S, device: torch.device) -> list[dict]:
         rows += step_rows + _serving(target, S, costs)
         prompt = E.prompt_of(S.prompt, device=device)
         rows += E.speculative_rows(target, draft, prompt, S.gen, S.spec_ks, S.repeat)
-        return rows
+        rows += _ppd(target, prompt, S)
+        return rows + _kvpred(target, draft, S)
+
+
+def _ppd(target, prompt, S) -> list[dict]:
+    from effdl.inference.ppd import load_prompt_tokens
+
+    with torch.enable_grad():                      # training on first use
+        pt = load_prompt_tokens(target, m=S.ppd_m, steps=S.ppd_steps, verbose=False,
+                                seq_len=min(256, target.config.max_len))
+    return E.ppd_rows(target, pt, prompt, S.gen, range(1, S.ppd_m + 1), S.repeat)
+
+
+def _kvpred(target, draft, S) -> list[dict]:
+    from effdl.inference.kvpred import continuation_loss, load_kv_predictor
+    from effdl.lm.data import load_corpus
+
+    cont = min(32, target.config.max_len - S.kvp_prompt)
+    with torch.enable_grad():                      # training on first use
+        kvp = load_kv_predictor(target, draft, steps=S.kvp_steps, verbose=False,
+                                prompt_len=min(128, S.kvp_prompt), cont_len=cont)
+    rows = E.kvpred_rows(target, draft, kvp, S.kvp_prompt, S.repeat)
+    loss = continuation_loss(target, draft, kvp, load_corpus(1_000_000),
+                             prompt_len=S.kvp_prompt, cont_len=cont,
+                             windows=S.kvp_windows)
+    names = {"large model prefill": "base", "KV prediction": "kv_predicted",
+             "draft model prefill": "aux"}
+    for r in rows:
+        r["bits_per_byte"] = loss[names[r["method"]]]
+    return rows
 
 
 def gpu_suite(device: torch.device, S) -> list[dict]:

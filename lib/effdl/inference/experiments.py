@@ -19,7 +19,7 @@ from effdl.lm.model import ByteLM, LMConfig, kv_bytes_per_token
 from effdl.measure import count_flops, interleaved, quartiles
 
 __all__ = ["REAL_CONFIGS", "ROW_FIELDS", "calibrate", "generation_sweep", "kinetics", "load_models",
-           "kv_table", "prompt_of", "row", "serving_rows", "speculative_rows",
+           "kv_table", "kvpred_rows", "ppd_rows", "prompt_of", "row", "serving_rows", "speculative_rows",
            "step_costs"]
 
 #: the fields of every benchmark row (``None`` where one does not apply)
@@ -235,6 +235,67 @@ def speculative_rows(target: ByteLM, draft: ByteLM, prompt: torch.Tensor, n: int
     return out
 
 
+# ----------------------------------------------------------- parallel prompt decoding
+
+def ppd_rows(model: ByteLM, prompt_tokens, prompt: torch.Tensor, n: int, ks,
+             repeat: int) -> list[dict]:
+    """The model alone vs PPD with k guesses checked per step, interleaved, batch 1.
+
+    Every PPD output is compared with the model's own greedy output (a mismatch
+    raises).  Rows: share of guesses kept, tokens per model call, speed-up (median of
+    the per-round ratios, with quartiles) and the extra parameter bytes."""
+    from effdl.inference.ppd import ppd_greedy
+
+    ref = generate(model, prompt, n, cached=True)
+    fns = {"alone": lambda: generate(model, prompt, n, cached=True)}
+    stats = {}
+    for k in ks:
+        ids, st = ppd_greedy(model, prompt_tokens, prompt, n, k)
+        if not torch.equal(ids, ref):
+            raise AssertionError(f"PPD with k={k} changed the output")
+        stats[k] = st
+        fns[k] = lambda k=k: ppd_greedy(model, prompt_tokens, prompt, n, k)
+    res = interleaved(fns, rounds=repeat, warmup=1, device=_device(model))
+    base = res["alone"].times_ms
+    out = []
+    for k, st in stats.items():
+        t = res[k].times_ms
+        q1, med, q3 = quartiles([b / a for a, b in zip(t, base)])
+        out.append(row("ppd", batch=1, prompt_len=prompt.shape[1], gen_len=n,
+                       tokens_per_s=n / statistics.median(t) * 1e3,
+                       acceptance=st.acceptance_rate, accept_rate=st.acceptance_rate,
+                       speedup=med, speedup_q1=q1, speedup_q3=q3, k=k,
+                       tokens_per_call=st.tokens_per_forward,
+                       extra_bytes=st.extra_param_bytes, **_spread(t)))
+    return out
+
+
+# ------------------------------------------------------------------- KV prediction
+
+def kvpred_rows(base: ByteLM, aux: ByteLM, predictor, prompt_len: int,
+                repeat: int) -> list[dict]:
+    """Time to first token, interleaved: the large model's prefill, KV prediction
+    (auxiliary prefill + predicted cache + one large-model step) and the auxiliary
+    prefill alone, on a held-out prompt, batch 1.  ``speedup``: the per-round ratio
+    of the large model's prefill to KV prediction (median, with quartiles)."""
+    from effdl.inference.kvpred import predict_cache
+
+    prompt = prompt_of(prompt_len, device=_device(base))
+    fns = {"large model prefill": lambda: base.prefill(prompt),
+           "KV prediction": lambda: predict_cache(base, aux, predictor, prompt),
+           "draft model prefill": lambda: aux.prefill(prompt)}
+    with torch.no_grad():
+        res = interleaved(fns, rounds=repeat, warmup=2, device=_device(base))
+    full = res["large model prefill"].times_ms
+    out = []
+    for name, r in res.items():
+        q1, med, q3 = quartiles([f / t for f, t in zip(full, r.times_ms)])
+        out.append(row(name, batch=1, prompt_len=prompt_len,
+                       ttft_ms=statistics.median(r.times_ms), speedup=med,
+                       speedup_q1=q1, speedup_q3=q3, **_spread(r.times_ms)))
+    return out
+
+
 # ------------------------------------------------------------------------ Kinetics
 
 def decode_token_cost(cfg: dict, context: int, batch: int = 1, bytes_per: int = 2):
@@ -271,5 +332,12 @@ def counted_step_flops(model: ByteLM, context: int) -> int:
     counter (:func:`effdl.measure.count_flops`): the formula's check on a real model."""
     _, cache = model.prefill(prompt_of(context, device=_device(model)))
     tok = torch.zeros(1, 1, dtype=torch.long, device=_device(model))
-    with torch.no_grad():
-        return count_flops(lambda: model.decode_step(tok, cache))
+    backend = model.blocks[0].attn.backend
+    # why split-KV for the count: its attention is plain matrix products, which the
+    # counter sees; the fused CPU kernel of the default path is invisible to it
+    model.set_decode_backend("split_kv")
+    try:
+        with torch.no_grad():
+            return count_flops(lambda: model.decode_step(tok, cache))
+    finally:
+        model.set_decode_backend(backend)

@@ -14,9 +14,12 @@ Training (:func:`train_prompt_tokens`), as the paper's distillation trainer: the
 target of prompt i after x_c is the frozen model's own next-byte distribution at
 position c + i (soft cross-entropy, the KL divergence up to a constant), so the
 prompt tokens learn what the model would say, which is what greedy verification
-checks.  One forward serves many cuts: a window is run once without gradients (its
-K/V cached), then a group of m prompt tokens after each of G random cuts runs against
-that cache with a mask (each group sees the window up to its cut and its own group).
+checks.  Unlike the paper, the text is by default the model's own greedy output
+(after a piece of corpus): a small model's greedy text is full of repetitions the
+corpus rarely shows.  One forward serves many cuts: a window is run once without
+gradients (its K/V cached), then a group of m prompt tokens after each of G random
+cuts runs against that cache with a mask (each group sees the window up to its cut
+and its own group).
 
 Generation (:func:`ppd_greedy`), one model call per step, batch 1.  With ``seq``
 (1, L) the tokens so far, the cache holding all but the last, and guesses g_1..g_k
@@ -32,11 +35,15 @@ equal the model's argmax, then the model's own token at a (correction or bonus).
 group after g_a hangs exactly where the accepted text ends, so its outputs are the
 next step's guesses.  The chain's K/V are written to the cache and cropped to the kept
 tokens; prompt tokens' K/V live for one call only.  The output is the model's own
-greedy generation; good prompt tokens only make fewer calls.
+greedy generation; good prompt tokens only make fewer calls.  Kept simpler than the
+paper: one candidate chain (the top-1 guesses) rather than its hardware-aware sparse
+tree of top-k candidates, and one embedding per prompt token (no ensemble).
 
 Why a step costs about one decode step: (k + 1)(m + 1) tokens (16 for k = m = 3) in
-one call read every weight once, as a single token does; on a GPU that is nearly free,
-on a CPU the extra tokens' arithmetic is not (see the measurements in the report).
+one call read every weight once, as a single token does; where decoding is bound by
+memory or by per-call overhead the extra tokens are nearly free.  Their arithmetic is
+not: on one CPU thread a 16-token step of the cpu-profile target costs about 1.4x a
+1-token one, so PPD gains only where more than ~1.4 tokens per call are accepted.
 """
 
 from __future__ import annotations
@@ -55,7 +62,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from effdl.lm.data import Corpus, load_corpus, random_windows
-from effdl.lm.generation import encode
+from effdl.lm.generation import encode, generate_cached
 from effdl.lm.model import ByteLM, KVCache, apply_rope, check_tokens
 
 __all__ = ["PPDStats", "PromptTokens", "load_prompt_tokens", "masked_forward",
@@ -195,18 +202,47 @@ def _prompt_loss(model, pt: PromptTokens, x, y, cuts, target: str):
     return loss, agree.view(B, G, m).mean((0, 1))
 
 
+def _texts(model, text: str, data, rows: int, seq_len: int, gen):
+    """The texts windows come from: ``data`` itself, or ``rows`` greedy texts of
+    seq_len + 1 bytes, (rows, seq_len + 1), a quarter of corpus then the model's."""
+    if text == "corpus":
+        return data
+    start = max(1, seq_len // 4)
+    x, _ = random_windows(data, rows, start, gen)
+    # why one batched generation: a decode step of 64 rows costs about one of 1 row
+    return generate_cached(model, x.to(model.embed.weight.device), seq_len + 1 - start)
+
+
+def _windows(model, text: str, batch: int, seq_len: int, texts, gen):
+    """``batch`` windows of ``texts``: inputs and next bytes, (batch, seq_len) each."""
+    if text == "corpus":
+        x, y = random_windows(texts, batch, seq_len, gen)
+    else:
+        w = texts[torch.randint(0, texts.shape[0], (batch,), generator=gen)]
+        x, y = w[:, :-1], w[:, 1:]
+    dev = model.embed.weight.device
+    return x.to(dev), y.to(dev)
+
+
 def train_prompt_tokens(model: ByteLM, m: int = 3, steps: int = 150, batch: int = 4,
                         seq_len: int = 256, lr: float = 0.02, corpus: Corpus = None,
-                        seed: int = 0, cuts: int | None = None, target: str = "model"):
+                        seed: int = 0, cuts: int | None = None, target: str = "model",
+                        text: str = "greedy", pool: int = 256):
     """Train m prompt tokens on ``model`` (frozen): ``(PromptTokens, log)``.
 
-    Each step: ``batch`` random windows of ``seq_len`` bytes of ``corpus.train``, and
-    ``cuts`` random cut positions (default seq_len // 4) shared by the batch, a group
-    of m prompt tokens after each (see the module docstring).  ``target``: ``"model"``
-    (distill the model's own distributions, default) or ``"data"`` (the corpus bytes).
-    Adam, cosine decay from ``lr`` to lr / 10.  ``log``: ``loss`` (per step),
-    ``seconds``, and ``agree`` / ``held_out_agree``: per prompt index, how often its
-    argmax is the model's, on the last batch and on held-out windows.
+    Each step: ``batch`` windows of ``seq_len`` bytes, and ``cuts`` random cut
+    positions (default seq_len // 4) shared by the batch, a group of m prompt tokens
+    after each (see the module docstring).  ``text``: ``"corpus"``, random windows of
+    ``corpus.train``; or ``"greedy"`` (default), windows drawn from ``pool`` texts made
+    once of a quarter window of corpus and the model's greedy continuation.  Why
+    greedy text: it is what the guesses are checked against, and a small model's
+    greedy text (repetitions: ``"____"``, runs of blanks) is unlike the corpus, where
+    prompt tokens learn mostly "a blank comes next".  ``target``: ``"model"`` (distill
+    the model's own distributions, default) or ``"data"`` (the next bytes).  Adam,
+    cosine decay from ``lr`` to lr / 10.  ``log``: ``loss`` (per step), ``seconds``
+    (``pool_seconds`` of them making the texts), and ``agree`` / ``held_out_agree``:
+    per prompt index, how often its argmax is the model's, on the last batch and on
+    held-out windows (of the same ``text`` kind).
     """
     _check_m(m)
     if corpus is None:
@@ -214,13 +250,14 @@ def train_prompt_tokens(model: ByteLM, m: int = 3, steps: int = 150, batch: int 
         corpus = load_corpus(sizes().corpus_bytes)
     if target not in ("model", "data"):
         raise ValueError(f"target must be 'model' or 'data', got {target!r}")
+    if text not in ("greedy", "corpus"):
+        raise ValueError(f"text must be 'greedy' or 'corpus', got {text!r}")
     if not m + 1 < seq_len <= model.config.max_len:
         raise ValueError(f"seq_len must lie in ({m + 1}, {model.config.max_len}] (more "
                          f"than m + 1 bytes, within max_len), got {seq_len}")
     G = cuts if cuts is not None else max(1, seq_len // 4)
     if not 1 <= G <= seq_len - m:
         raise ValueError(f"cuts must lie in [1, {seq_len - m}], got {G}")
-    dev = model.embed.weight.device
     pt = PromptTokens.for_model(model, m, seed)
     opt = torch.optim.Adam(pt.parameters(), lr=lr)
     gen = torch.Generator().manual_seed(seed)
@@ -228,13 +265,15 @@ def train_prompt_tokens(model: ByteLM, m: int = 3, steps: int = 150, batch: int 
     was_training = model.training
     model.eval().requires_grad_(False)        # frozen: no gradient into the base model
     losses, t0 = [], time.perf_counter()
+    draw = functools.partial(_windows, model, text, batch, seq_len)
     try:
+        texts = _texts(model, text, corpus.train, pool, seq_len, gen)
+        pool_seconds = time.perf_counter() - t0
         for step in range(steps):
             for group in opt.param_groups:
                 cosine = 0.5 * (1 + math.cos(math.pi * step / max(1, steps)))
                 group["lr"] = lr * (0.1 + 0.9 * cosine)
-            x, y = random_windows(corpus.train, batch, seq_len, gen)
-            x, y = x.to(dev), y.to(dev)
+            x, y = draw(texts, gen)
             # cut c in [0, seq_len - m - 1]: the teacher at c + m is inside the window
             cut = torch.randperm(seq_len - m, generator=gen)[:G].sort().values
             loss, agree = _prompt_loss(model, pt, x, y, cut.tolist(), target)
@@ -247,8 +286,8 @@ def train_prompt_tokens(model: ByteLM, m: int = 3, steps: int = 150, batch: int 
         # logs of short and long runs compare
         held_gen = torch.Generator().manual_seed(seed + 1)
         with torch.no_grad():
-            x, y = random_windows(corpus.held_out, batch, seq_len, held_gen)
-            x, y = x.to(dev), y.to(dev)
+            held_texts = _texts(model, text, corpus.held_out, batch, seq_len, held_gen)
+            x, y = draw(held_texts, held_gen)
             cut = torch.randperm(seq_len - m, generator=held_gen)[:G].sort().values
             held_loss, held = _prompt_loss(model, pt, x, y, cut.tolist(), target)
     finally:
@@ -256,7 +295,8 @@ def train_prompt_tokens(model: ByteLM, m: int = 3, steps: int = 150, batch: int 
             p.requires_grad_(f)
         model.train(was_training)
     pt.requires_grad_(False)
-    log = {"loss": losses, "seconds": seconds, "steps": steps,
+    log = {"loss": losses, "seconds": seconds, "pool_seconds": pool_seconds,
+           "steps": steps, "text": text,
            "agree": agree.tolist() if steps else [], "held_out_loss": held_loss.item(),
            "held_out_agree": held.tolist()}
     return pt, log
@@ -273,7 +313,8 @@ def _digest(model: ByteLM) -> str:
 
 def load_prompt_tokens(model: ByteLM, m: int = 3, steps: int = 150, batch: int = 4,
                        seq_len: int = 256, lr: float = 0.02, seed: int = 0,
-                       corpus: Corpus = None, cache_dir: str | os.PathLike = None,
+                       text: str = "greedy", pool: int = 256, corpus: Corpus = None,
+                       cache_dir: str | os.PathLike = None,
                        verbose: bool = True) -> PromptTokens:
     """Prompt tokens for ``model``: trained on first use, then read from disk.
 
@@ -289,7 +330,7 @@ def load_prompt_tokens(model: ByteLM, m: int = 3, steps: int = 150, batch: int =
         from effdl.lm.profiles import sizes
         corpus = load_corpus(sizes().corpus_bytes)
     args = {"m": m, "steps": steps, "batch": batch, "seq_len": seq_len, "lr": lr,
-            "seed": seed}
+            "seed": seed, "text": text, "pool": pool}
     what = {"format": 1, "model": _digest(model), "train": args,
             "corpus": corpus.digest,
             "source": hashlib.sha256(Path(__file__).read_bytes()).hexdigest()}

@@ -26,6 +26,7 @@ class Sizes:
     ppd_steps: int                 # PPD: training steps of the prompt tokens
     kvp_steps: int                 # KV prediction: training steps of the predictor
     kvp_windows: int               # KV prediction: held-out windows of the loss
+    kvp_prompt: int                # KV prediction: prompt bytes (TTFT and loss)
     models: str                    # the effdl.lm profile whose models the sizes assume
     threads: int | None = 1
     # why 1 thread on smoke and cpu: the site is built on a shared 2-core machine, where a
@@ -35,17 +36,19 @@ class Sizes:
 SIZES = {
     "smoke": Sizes(prompt=8, totals=(16, 32), gen=12, repeat=1, batches=(1, 4),
                    requests=24, rate=50.0, serve_batches=(4, 16), block=8,
-                   spec_ks=(1, 3), ppd_m=2, ppd_steps=4, kvp_steps=4, kvp_windows=2,
+                   spec_ks=(1, 3), ppd_m=2, ppd_steps=4, kvp_steps=4, kvp_windows=2, kvp_prompt=24,
                    models="smoke"),
     "cpu": Sizes(prompt=64, totals=(64, 128, 256, 512), gen=128, repeat=5,
                  batches=(1, 4, 16, 64), requests=300, rate=60.0,
                  serve_batches=(8, 16, 32, 64), block=16, spec_ks=(1, 2, 3, 4, 6),
-                 ppd_m=3, ppd_steps=300, kvp_steps=300, kvp_windows=32, models="cpu"),
+                 ppd_m=3, ppd_steps=150, kvp_steps=300, kvp_windows=32, kvp_prompt=256,
+                 models="cpu"),
     # a GPU: the gpu-profile models of effdl.lm (6 layers, d 256, context 512)
     "gpu": Sizes(prompt=128, totals=(64, 128, 256, 512), gen=256, repeat=10,
                  batches=(1, 8, 32, 128), requests=1000, rate=200.0,
                  serve_batches=(16, 32, 64, 128), block=16, spec_ks=(1, 2, 3, 4, 6, 8),
-                 ppd_m=3, ppd_steps=1000, kvp_steps=1000, kvp_windows=128, models="gpu",
+                 ppd_m=3, ppd_steps=1000, kvp_steps=1000, kvp_windows=128, kvp_prompt=448,
+                 models="gpu",
                  threads=None),
 }
 

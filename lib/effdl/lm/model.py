@@ -16,8 +16,10 @@ Two ways to run it.  ``model(idx)`` is the full forward: every position attends 
 prefix in one ``scaled_dot_product_attention(..., is_causal=True)`` call.  For
 generation, :meth:`ByteLM.prefill` runs the prompt once and fills a :class:`KVCache`;
 :meth:`ByteLM.decode_step` then feeds only the new token(s), whose queries attend to the
-cached keys and values through :func:`effdl.attention.decode_attention` (grouped K/V
-read as they are, never expanded).
+cached keys and values (grouped K/V read as they are, never expanded) through
+:func:`cached_attention`: PyTorch's fused attention by default, or the attention
+chapter's split-KV decode (:func:`effdl.attention.decode_attention`, ``"split_kv"`` or
+``"triton"``), chosen with :meth:`ByteLM.set_decode_backend`.
 """
 
 from __future__ import annotations
@@ -32,7 +34,10 @@ from torch import nn
 from effdl.attention.decode import decode_attention
 
 __all__ = ["LMConfig", "KVCache", "ByteLM", "RMSNorm", "rope_tables", "apply_rope",
-           "causal_attention", "kv_bytes_per_token"]
+           "causal_attention", "cached_attention", "kv_bytes_per_token", "DECODE_BACKENDS"]
+
+#: how decode steps attend to the cache (see :func:`cached_attention`)
+DECODE_BACKENDS = ("sdpa", "split_kv", "triton")
 
 
 @dataclass(frozen=True)
@@ -132,6 +137,25 @@ def causal_attention(q, k, v):
     return F.scaled_dot_product_attention(q, k, v, is_causal=True)
 
 
+def cached_attention(q, k, v, backend: str = "sdpa"):
+    """Decode attention: q (B, H, T, d), the last T positions of k, v (B, H_kv, L, d).
+
+    Causal bottom-right: query i, at position L - T + i, sees keys 0..L - T + i (T = 1:
+    every key).  ``"sdpa"``: one fused call, the group of query heads sharing a K/V head
+    read without copying the cache (``enable_gqa``).  Why it is the default: the
+    split-KV decode of the attention chapter spends about a millisecond per call in
+    Python on a CPU, several times this small model's whole layer.  ``"split_kv"`` and
+    ``"triton"`` run :func:`effdl.attention.decode_attention` with that backend.
+    """
+    if backend == "sdpa":
+        T, L = q.shape[2], k.shape[2]
+        mask = None if T == 1 else torch.ones(T, L, dtype=torch.bool,
+                                               device=q.device).tril(L - T)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                              enable_gqa=k.shape[1] != q.shape[1])
+    return decode_attention(q, k, v, backend="torch" if backend == "split_kv" else backend)
+
+
 @dataclass
 class KVCache:
     """Per-layer keys and values, preallocated to ``max_len`` positions.
@@ -190,6 +214,7 @@ class Attention(nn.Module):
         self.wq = nn.Linear(c.d_model, c.n_head * c.head_dim, bias=False)
         self.wkv = nn.Linear(c.d_model, 2 * c.n_kv_head * c.head_dim, bias=False)
         self.wo = nn.Linear(c.n_head * c.head_dim, c.d_model, bias=False)
+        self.backend = "sdpa"                   # of decode steps: see cached_attention
 
     def forward(self, x, cos, sin, cache: KVCache | None = None, layer: int = 0):
         """x (B, T, d_model) at positions [p, p + T), p = cache.length (0 without)."""
@@ -204,7 +229,7 @@ class Attention(nn.Module):
             y = causal_attention(q, k, v)                         # (B, H, T, d)
         else:                                                     # decode
             k_all, v_all = cache.write(layer, k, v)               # (B, Hkv, p+T, d)
-            y = decode_attention(q, k_all, v_all)                 # bottom-right causal
+            y = cached_attention(q, k_all, v_all, self.backend)   # bottom-right causal
         return self.wo(y.transpose(1, 2).reshape(B, T, H * d))
 
 
@@ -261,6 +286,15 @@ class ByteLM(nn.Module):
     def forward(self, idx):
         """Full forward: logits at every position of idx (B, T)."""
         return self._run(idx, None)
+
+    def set_decode_backend(self, backend: str) -> ByteLM:
+        """How decode steps attend to the cache: one of :data:`DECODE_BACKENDS`."""
+        if backend not in DECODE_BACKENDS:
+            raise ValueError(f"decode backend must be one of {DECODE_BACKENDS}, got "
+                             f"{backend!r}")
+        for block in self.blocks:
+            block.attn.backend = backend
+        return self
 
     def new_cache(self, batch: int) -> KVCache:
         """An empty cache for ``batch`` sequences, on the model's device and dtype."""
