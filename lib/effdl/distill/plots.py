@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from effdl.distill.experiments import PUBLISHED, summarize
 
-__all__ = ["plot_bench", "plot_recorded"]
+__all__ = ["plot_bench", "plot_recorded", "plot_toy_points", "plot_toy_frequencies"]
 
 
 def plot_bench(rows: list[dict], published: bool = True):
@@ -56,5 +56,84 @@ def plot_recorded(doc: dict):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle(recorded_label(doc["meta"]))
+    fig.tight_layout()
+    return fig
+
+
+_TOY_NAMES = {"dm": "DM (mean only)", "cfd": "CF, Gaussian frequencies",
+              "ncfm": "NCFM, learned frequencies"}
+
+
+def plot_toy_points(run: dict):
+    """One panel per method of :func:`effdl.distill.toy.run_toy`: the real points faint,
+    the start as grey crosses, the fitted points large; titles give modes and energy
+    distance."""
+    import matplotlib.pyplot as plt
+
+    from effdl.distill.toy import TOY_METHODS
+
+    x, rows = run["real"], {r["method"]: r for r in run["rows"]}
+    fig, axes = plt.subplots(1, len(TOY_METHODS), figsize=(11, 3.8), sharex=True,
+                             sharey=True)
+    for ax, method in zip(axes, TOY_METHODS):
+        pts, r = run["points"][method], rows[method]
+        ax.scatter(x[:, 0], x[:, 1], s=2, color="tab:blue", alpha=0.15, label="real")
+        ax.scatter(run["start"][:, 0], run["start"][:, 1], s=25, marker="x",
+                   color="grey", label="start")
+        ax.scatter(pts[:, 0], pts[:, 1], s=70, color="tab:red", edgecolor="black",
+                   label=f"{len(pts)} synthetic")
+        ax.set_title(f"{_TOY_NAMES[method]}\n{r['modes']}/{len(run['centres'])} modes, "
+                     f"energy distance {r['energy']:.3f}", fontsize=9)
+        ax.set_aspect("equal")
+        ax.grid(alpha=0.3)
+    axes[0].legend(loc="lower left", fontsize=7)
+    fig.suptitle(f"seed {run['seed']}", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def plot_toy_frequencies(run: dict, grid: int = 91, directions: int = 32):
+    """NCFM's frequencies on one noise draw, before and after training.  Left: the
+    frequencies over a map of ``|Φ_real(t) − Φ_syn(t)|`` for NCFM's final points (where
+    the two sets still differ).  Right: that gap averaged over directions against
+    ``|t|``, for each method's final points, with the frequencies' lengths as ticks."""
+    import math
+
+    import matplotlib.pyplot as plt
+    import torch
+
+    from effdl.distill.toy import TOY_METHODS, cf_gap
+
+    x, t0, t1 = run["real"], run["t_before"], run["t_after"]
+    lim = 1.1 * float(torch.cat([t0, t1]).abs().max())
+    axis = torch.linspace(-lim, lim, grid)
+    tt = torch.stack(torch.meshgrid(axis, axis, indexing="xy"), -1).reshape(-1, 2)
+    gap = cf_gap(x, run["points"]["ncfm"], tt).reshape(grid, grid)
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4.3))
+    im = ax.imshow(gap, origin="lower", extent=(-lim, lim, -lim, lim), cmap="Greys",
+                   vmin=0, vmax=1)
+    fig.colorbar(im, ax=ax, label="|Φ_real(t) − Φ_syn(t)|, final NCFM points")
+    for a, b in zip(t0.tolist(), t1.tolist()):       # each frequency's path
+        ax.plot([a[0], b[0]], [a[1], b[1]], color="tab:orange", lw=0.5, alpha=0.5)
+    ax.scatter(t0[:, 0], t0[:, 1], s=12, color="tab:blue", label="before")
+    ax.scatter(t1[:, 0], t1[:, 1], s=12, color="tab:red", label="after")
+    ax.set(xlabel="$t_1$", ylabel="$t_2$", title=f"NCFM's {len(t0)} frequencies "
+           f"(one noise draw, seed {run['seed']})")
+    ax.legend(loc="lower left", fontsize=8)
+    # the gap against |t|: mean over evenly spaced directions
+    angle = 2 * math.pi * torch.arange(directions) / directions
+    unit = torch.stack([angle.cos(), angle.sin()], 1)            # (directions, 2)
+    radii = torch.logspace(-1, math.log10(lim), 40)
+    ring = (radii[:, None, None] * unit).reshape(-1, 2)          # (40 · directions, 2)
+    for method in TOY_METHODS:
+        g = cf_gap(x, run["points"][method], ring).reshape(len(radii), directions)
+        ax2.plot(radii, g.mean(1), label=_TOY_NAMES[method])
+    for t, color, name in ((t0, "tab:blue", "before"), (t1, "tab:red", "after")):
+        ax2.plot(t.norm(dim=1), torch.full((len(t),), -0.03), "|", color=color, ms=8,
+                 label=f"|t| of NCFM's frequencies, {name}")
+    ax2.set(xscale="log", xlabel="|t|", ylabel="mean |Φ_real − Φ_syn| over directions",
+            title="where the sets still differ")
+    ax2.grid(alpha=0.3)
+    ax2.legend(fontsize=7)
     fig.tight_layout()
     return fig
