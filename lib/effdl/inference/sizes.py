@@ -38,7 +38,7 @@ SIZES = {
                    requests=24, rate=50.0, serve_batches=(4, 16), block=8,
                    spec_ks=(1, 3), ppd_m=2, ppd_steps=4, kvp_steps=4, kvp_windows=2, kvp_prompt=24,
                    models="smoke"),
-    "cpu": Sizes(prompt=64, totals=(64, 128, 256, 512), gen=128, repeat=5,
+    "cpu": Sizes(prompt=64, totals=(64, 128, 256, 512), gen=128, repeat=3,
                  batches=(1, 4, 16, 64), requests=300, rate=60.0,
                  serve_batches=(8, 16, 32, 64), block=16, spec_ks=(1, 2, 3, 4, 6),
                  ppd_m=3, ppd_steps=150, kvp_steps=300, kvp_windows=32, kvp_prompt=256,
