@@ -44,14 +44,24 @@ def test_kv_table_known_figures():
 
 
 def test_kinetics_crossover_is_where_the_two_byte_counts_meet():
+    full = {m: c for m, c in ex.REAL_CONFIGS.items() if not c.get("window")}
     for batch in (1, 7, 32):
-        for r in ex.kinetics([1024, 65536], batch=batch):
+        for r in ex.kinetics([1024, 65536], batch=batch, configs=full):
             at = ex.decode_token_cost(ex.REAL_CONFIGS[r["model"]], r["crossover"], batch)
             assert at["kv_bytes"] == pytest.approx(at["param_bytes"], rel=1e-9)
             assert (r["kv_share"] > 0.5) == (r["context"] > r["crossover"])
-    one = {r["model"]: r["crossover"] for r in ex.kinetics([1024], batch=1)}
-    many = {r["model"]: r["crossover"] for r in ex.kinetics([1024], batch=32)}
+    one = {r["model"]: r["crossover"] for r in ex.kinetics([1024], batch=1, configs=full)}
+    many = {r["model"]: r["crossover"] for r in ex.kinetics([1024], batch=32, configs=full)}
     assert all(many[m] == pytest.approx(one[m] / 32) for m in one)
+
+
+def test_a_sliding_window_caps_the_cache():
+    mistral = {"Mistral-7B": ex.REAL_CONFIGS["Mistral-7B"]}
+    rows = ex.kinetics([4096, 65536], batch=1, configs=mistral)
+    assert rows[0]["kv_bytes"] == rows[1]["kv_bytes"] and rows[0]["crossover"] == float("inf")
+    # at batch 32 the capped cache still overtakes the weights, below the window
+    r32 = ex.kinetics([4096], batch=32, configs=mistral)[0]
+    assert r32["crossover"] < 4096 and r32["kv_share"] > 0.5
 
 
 def test_decode_flops_formula_matches_pytorchs_counter():
@@ -76,8 +86,8 @@ def test_calibrate_recovers_a_line():
 def test_serving_rows_equal_memory_and_both_schedulers():
     c = _model(max_len=128).config
     rows = ex.serving_rows(c, 40, 200.0, (4, 8), 16, 1e-3, 1e-5, seeds=(0, 1))
-    assert len(rows) == 2 * 2 * 2
-    assert {r["method"] for r in rows} == {"static", "continuous"}
+    assert len(rows) == 2 * 2 * 3
+    assert {r["method"] for r in rows} == {"static", "continuous", "continuous, 4x sequences"}
     for r in rows:
         assert 0 <= r["kv_waste"] < 1 and r["tokens_per_s"] > 0
     trace = ex.trace_for(c, 500, 10.0)
@@ -134,10 +144,30 @@ def test_generation_sweep_rows():
 
 def test_speculative_rows_check_the_output():
     t, d = _model(0), _model(1, n_layer=1)
-    prompt = ex.prompt_of(6)
-    rows = ex.speculative_rows(t, d, prompt, 10, (1, 3), repeat=1)
+    prompts = ex.prompts_of(6, 2)
+    rows = ex.speculative_rows(t, d, prompts, 10, (1, 3), repeat=1, c=0.5)
     assert [r.get("k") for r in rows] == [0, 1, 3]
-    assert all(0 <= r["acceptance"] <= 1 for r in rows[1:])
+    assert all(0 <= r["acceptance"] <= 1 and 0 <= r["alpha"] <= 1 for r in rows[1:])
+    for r in rows[1:]:
+        assert r["predicted"] == pytest.approx(ex.predicted_speedup(r["alpha"], r["k"], 0.5))
+
+
+def test_predicted_speedup_is_leviathans_formula():
+    # alpha = 0: one token per round, k draft calls on top
+    assert ex.predicted_speedup(0.0, 3, 0.25) == pytest.approx(1 / 1.75)
+    # alpha = 1: k + 1 tokens per round
+    assert ex.predicted_speedup(1.0, 4, 0.1) == pytest.approx(5 / 1.4)
+    # their Table/Figure regime: alpha 0.8, k 3, c 0.05 -> (1 - .8^4) / (.2 * 1.15)
+    assert ex.predicted_speedup(0.8, 3, 0.05) == pytest.approx((1 - 0.8**4) / (0.2 * 1.15))
+
+
+def test_alpha_counts_rejections_not_unchecked_guesses():
+    from effdl.inference.speculative import SpecStats
+
+    # two rounds of k = 4: all kept; one kept then a rejection (3 guesses never checked)
+    st = SpecStats(proposed=8, accepted=5, rejected=1)
+    assert st.acceptance_rate == pytest.approx(5 / 8)
+    assert st.alpha == pytest.approx(5 / 6)
 
 
 def test_prompt_of_is_real_text_and_deterministic():

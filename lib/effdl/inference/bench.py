@@ -55,19 +55,21 @@ def run(S, device: torch.device) -> list[dict]:
         rows = E.generation_sweep(target, S.totals, S.prompt, S.repeat)
         costs, step_rows = _steps(target, S)
         rows += step_rows + _serving(target, S, costs)
-        prompt = E.prompt_of(S.prompt, device=device)
-        rows += E.speculative_rows(target, draft, prompt, S.gen, S.spec_ks, S.repeat)
-        rows += _ppd(target, prompt, S)
+        prompts = E.prompts_of(S.prompt, S.prompts, device=device)
+        c = E.draft_cost(target, draft, S.prompt, S.repeat)
+        rows += E.speculative_rows(target, draft, prompts, S.gen, S.spec_ks, S.repeat,
+                                   c=c)
+        rows += _ppd(target, prompts, S)
         return rows + _kvpred(target, draft, S)
 
 
-def _ppd(target, prompt, S) -> list[dict]:
+def _ppd(target, prompts, S) -> list[dict]:
     from effdl.inference.ppd import load_prompt_tokens
 
     with torch.enable_grad():                      # training on first use
         pt = load_prompt_tokens(target, m=S.ppd_m, steps=S.ppd_steps, verbose=False,
                                 seq_len=min(256, target.config.max_len))
-    return E.ppd_rows(target, pt, prompt, S.gen, range(1, S.ppd_m + 1), S.repeat)
+    return E.ppd_rows(target, pt, prompts, S.gen, range(1, S.ppd_m + 1), S.repeat)
 
 
 def _kvpred(target, draft, S) -> list[dict]:

@@ -19,7 +19,8 @@ from effdl.lm.model import ByteLM, LMConfig, kv_bytes_per_token
 from effdl.measure import count_flops, interleaved, quartiles
 
 __all__ = ["REAL_CONFIGS", "ROW_FIELDS", "calibrate", "generation_sweep", "kinetics", "load_models",
-           "kv_table", "kvpred_rows", "ppd_rows", "prompt_of", "row", "serving_rows", "speculative_rows",
+           "draft_cost", "kv_table", "kvpred_rows", "ppd_rows", "predicted_speedup",
+           "prompt_of", "prompts_of", "row", "serving_rows", "speculative_rows",
            "step_costs"]
 
 #: the fields of every benchmark row (``None`` where one does not apply)
@@ -32,6 +33,12 @@ def row(method: str, **fields) -> dict:
     out = {k: None for k in ROW_FIELDS}
     out.update(method=method, **fields)
     return out
+
+
+def prompts_of(length: int, count: int, device=None) -> list[torch.Tensor]:
+    """``count`` held-out prompts (seeds 0, 1, ...): timings averaged over several
+    texts, since how predictable a continuation is varies from text to text."""
+    return [prompt_of(length, seed=i, device=device) for i in range(count)]
 
 
 def prompt_of(length: int, seed: int = 0, split: str = "held_out",
@@ -97,9 +104,14 @@ def generation_sweep(model: ByteLM, totals, prompt: int, repeat: int) -> list[di
 
 
 @torch.no_grad()
-def step_costs(model: ByteLM, prompt_lens, batches, context: int, repeat: int) -> list[dict]:
+def step_costs(model: ByteLM, prompt_lens, batches, context: int, repeat: int,
+               steps: int = 16) -> list[dict]:
     """Prefill of each prompt length (batch 1) and one decode step at each batch size
-    (context ``context``): the two kinds of forward a server runs, in ms."""
+    (context ``context``): the two kinds of forward a server runs, in ms.
+
+    A decode sample runs ``steps`` consecutive steps and reports their mean: why not one
+    step alone: a lone step pays the timer's and the cache's start-up around it, and
+    measured 2-4x slower than the same step inside a generation loop."""
     fns, shapes, dev = {}, {}, _device(model)
     for p in prompt_lens:
         idx = prompt_of(p, device=dev)
@@ -109,14 +121,16 @@ def step_costs(model: ByteLM, prompt_lens, batches, context: int, repeat: int) -
         _, cache = model.prefill(prompt_of(context, device=dev).expand(b, -1).contiguous())
         tok = torch.zeros(b, 1, dtype=torch.long, device=dev)
 
-        def step(cache=cache, tok=tok):                   # decode, then forget the token
-            model.decode_step(tok, cache)
+        def step(cache=cache, tok=tok):                   # decode, then forget them
+            for _ in range(steps):
+                model.decode_step(tok, cache)
             cache.crop(context)
         fns[f"decode {b}"], shapes[f"decode {b}"] = step, ("decode", b, 1)
     res = interleaved(fns, rounds=repeat, warmup=2, device=dev)
     out = []
     for name, (kind, b, t) in shapes.items():
-        s = _spread(res[name].times_ms)
+        per = steps if kind == "decode" else 1
+        s = _spread([ms / per for ms in res[name].times_ms])
         out.append({"kind": kind, "batch": b, "tokens": b * t, **s})
     return out
 
@@ -153,13 +167,19 @@ def serving_rows(config: LMConfig, requests: int, rate: float, batches, block: i
     for seed in seeds:
         trace = trace_for(config, requests, rate, seed)
         for b in batches:
-            for sched in ("static", "continuous"):
-                r = serving.run(sched, trace, batch=b, max_len=config.max_len,
+            # "4x sequences": the same KV pool, but up to 4b sequences in it, which
+            # only paging allows (a max-length reservation fits b)
+            for sched, cap in (("static", b), ("continuous", b),
+                               ("continuous, 4x sequences", 4 * b)):
+                r = serving.run(sched.split(",")[0], trace, batch=cap,
+                                max_len=config.max_len,
                                 num_blocks=b * config.max_len // block,
                                 block_size=block, t_fixed=t_fixed,
                                 t_per_token=t_per_token)
                 out.append({k: v for k, v in r.items()
-                            if k not in ("finish", "generated")} | {"seed": seed})
+                            if k not in ("finish", "generated")}
+                           | {"method": sched, "batch": b, "seed": seed,
+                              "p50_s": r["p50_ms"] / 1e3, "p95_s": r["p95_ms"] / 1e3})
     return out
 
 
@@ -175,7 +195,9 @@ REAL_CONFIGS = {
     "Llama-2-70B": dict(n_layer=80, n_head=64, n_kv_head=8, d_model=8192,
                         params=69.0e9),
     "Llama-3-8B": dict(n_layer=32, n_head=32, n_kv_head=8, d_model=4096, params=8.03e9),
-    "Mistral-7B": dict(n_layer=32, n_head=32, n_kv_head=8, d_model=4096, params=7.24e9),
+    # Mistral-7B-v0.1 attends to the last 4096 tokens only: its cache stops growing there
+    "Mistral-7B": dict(n_layer=32, n_head=32, n_kv_head=8, d_model=4096, params=7.24e9,
+                       window=4096),
 }
 
 
@@ -188,7 +210,7 @@ def kv_table(model: ByteLM, context: int = 4096) -> list[dict]:
     """KV bytes per token and for one ``context``-token sequence: this model (fp32) and
     the published configurations (fp16), with what GQA saves against full heads."""
     c = model.config
-    rows = [{"model": "this course's target (fp32)", "layers": c.n_layer,
+    rows = [{"model": "large model here (fp32)", "layers": c.n_layer,
              "kv_heads": f"{c.n_kv_head}/{c.n_head}",
              "kv_per_token": kv_bytes_per_token(c, torch.float32),
              "without_gqa": kv_bytes_per_token(c, torch.float32) * c.n_head
@@ -200,77 +222,142 @@ def kv_table(model: ByteLM, context: int = 4096) -> list[dict]:
                      "kv_per_token": kv_per_token(**cfg),
                      "without_gqa": kv_per_token(**full)})
     for r in rows:
+        r["KiB per token"] = r["kv_per_token"] / 2**10
+        r["without GQA"] = r["without_gqa"] / 2**10
+        r[f"MiB per {context} tokens"] = r["kv_per_token"] * context / 2**20
         r[f"GiB per {context} tokens"] = r["kv_per_token"] * context / 2**30
     return rows
 
 
 # -------------------------------------------------------------------- speculative
 
-def speculative_rows(target: ByteLM, draft: ByteLM, prompt: torch.Tensor, n: int,
-                     ks, repeat: int) -> list[dict]:
-    """Target alone vs speculative decoding with each draft length k, interleaved.
+def _pool(stats: list):
+    """One stats object whose counts are the sums of ``stats``' (several prompts)."""
+    from dataclasses import fields
 
-    Every speculative output is compared with the target's own greedy output (a
-    mismatch raises).  Rows: acceptance rate, target calls per token, and the speed-up
-    over the target alone (median of the per-round ratios, with quartiles)."""
-    ref = generate(target, prompt, n, cached=True)
-    fns = {"target": lambda: generate(target, prompt, n, cached=True)}
+    first = stats[0]
+    return type(first)(**{f.name: sum(getattr(s, f.name) for s in stats)
+                          for f in fields(first)})
+
+
+@torch.no_grad()
+def draft_cost(target: ByteLM, draft: ByteLM, context: int, repeat: int,
+               steps: int = 16) -> float:
+    """c: the draft's decode step time over the large model's, at ``context``, batch 1
+    (interleaved; the median of the per-round ratios of ``steps`` consecutive steps)."""
+    fns = {}
+    for name, m in (("large", target), ("draft", draft)):
+        _, cache = m.prefill(prompt_of(context, device=_device(m)))
+        tok = torch.zeros(1, 1, dtype=torch.long, device=_device(m))
+
+        def run(m=m, cache=cache, tok=tok):
+            for _ in range(steps):
+                m.decode_step(tok, cache)
+            cache.crop(context)
+        fns[name] = run
+    res = interleaved(fns, rounds=repeat, warmup=1, device=_device(target))
+    return statistics.median(d / t for d, t in zip(res["draft"].times_ms,
+                                                   res["large"].times_ms))
+
+
+def predicted_speedup(alpha: float, k: int, c: float) -> float:
+    """Leviathan et al.'s expected improvement in wall time (their Theorem 3.8):
+    (1 - alpha^(k+1)) / ((1 - alpha)(k c + 1)), for a per-guess rate alpha and a draft
+    step costing c of the large model's (one verification = one large step)."""
+    tokens = (1 - alpha ** (k + 1)) / (1 - alpha) if alpha < 1 else k + 1
+    return tokens / (k * c + 1)
+
+
+def _speedups(res, base: str, name) -> dict:
+    t, b = res[name].times_ms, res[base].times_ms
+    q1, med, q3 = quartiles([x / y for x, y in zip(b, t)])
+    return {"speedup": med, "speedup_q1": q1, "speedup_q3": q3}
+
+
+def _alone_row(res, prompts, n) -> dict:
+    t = res["alone"].times_ms
+    return row("large model alone", batch=1, prompt_len=prompts[0].shape[1], gen_len=n,
+               tokens_per_s=n * len(prompts) / statistics.median(t) * 1e3,
+               speedup=1.0, k=0, tokens_per_call=1.0, **_spread(t))
+
+
+def speculative_rows(target: ByteLM, draft: ByteLM, prompts, n: int, ks,
+                     repeat: int, c: float | None = None) -> list[dict]:
+    """The large model alone vs speculative decoding with each draft length k, each
+    timed on all ``prompts`` in turn, interleaved.
+
+    Every speculative output is compared with the large model's own greedy output (a
+    mismatch raises).  Per k, pooled over the prompts: ``alpha`` (per-guess rate),
+    ``accept_rate`` (share of drafted tokens kept), tokens per large-model call, their
+    expectation (1 - alpha^(k+1)) / (1 - alpha), the measured speed-up (median of
+    per-round ratios, with quartiles) and, given the draft's relative cost ``c``, the
+    speed-up :func:`predicted_speedup` expects."""
+    refs = [generate(target, p, n, cached=True) for p in prompts]
+    fns = {"alone": lambda: [generate(target, p, n, cached=True) for p in prompts]}
     stats = {}
     for k in ks:
-        ids, st = speculative_greedy(target, draft, prompt, n, k)
-        if not torch.equal(ids, ref):
-            raise AssertionError(f"speculative decoding with k={k} changed the output")
-        stats[k] = st
-        fns[f"k={k}"] = lambda k=k: speculative_greedy(target, draft, prompt, n, k)
+        got = []
+        for p, ref in zip(prompts, refs):
+            ids, st = speculative_greedy(target, draft, p, n, k)
+            if not torch.equal(ids, ref):
+                raise AssertionError(f"speculative decoding with k={k} changed the "
+                                     "output")
+            got.append(st)
+        stats[k] = _pool(got)
+        fns[k] = lambda k=k: [speculative_greedy(target, draft, p, n, k)
+                              for p in prompts]
     res = interleaved(fns, rounds=repeat, warmup=1, device=_device(target))
-    base = res["target"].times_ms
-    out = [row("large model alone", batch=1, prompt_len=prompt.shape[1], gen_len=n,
-               tokens_per_s=n / statistics.median(base) * 1e3, speedup=1.0,
-               k=0, calls_per_token=1.0, **_spread(base))]
+    out = [_alone_row(res, prompts, n)]
     for k, st in stats.items():
-        t = res[f"k={k}"].times_ms
-        q1, med, q3 = quartiles([b / a for a, b in zip(t, base)])
-        out.append(row("speculative", batch=1, prompt_len=prompt.shape[1], gen_len=n,
-                       tokens_per_s=n / statistics.median(t) * 1e3,
-                       acceptance=st.acceptance_rate, accept_rate=st.acceptance_rate,
-                       speedup=med, speedup_q1=q1,
-                       speedup_q3=q3, k=k, calls_per_token=st.target_calls_per_token,
-                       **_spread(t)))
+        a = st.alpha
+        out.append(row("speculative", batch=1, prompt_len=prompts[0].shape[1],
+                       gen_len=n, acceptance=st.acceptance_rate,
+                       accept_rate=st.acceptance_rate, alpha=a, k=k,
+                       tokens_per_s=n * len(prompts)
+                       / statistics.median(res[k].times_ms) * 1e3,
+                       tokens_per_call=st.new_tokens / st.target_calls,
+                       expected_per_call=predicted_speedup(a, k, 0.0),
+                       predicted=None if c is None else predicted_speedup(a, k, c),
+                       calls_per_token=st.target_calls_per_token,
+                       **_speedups(res, "alone", k), **_spread(res[k].times_ms)))
     return out
 
 
 # ----------------------------------------------------------- parallel prompt decoding
 
-def ppd_rows(model: ByteLM, prompt_tokens, prompt: torch.Tensor, n: int, ks,
+def ppd_rows(model: ByteLM, prompt_tokens, prompts, n: int, ks,
              repeat: int) -> list[dict]:
-    """The model alone vs PPD with k guesses checked per step, interleaved, batch 1.
+    """The model alone vs PPD with k guesses checked per step, each timed on all
+    ``prompts`` in turn, interleaved, batch 1.
 
     Every PPD output is compared with the model's own greedy output (a mismatch
-    raises).  Rows: share of guesses kept, tokens per model call, speed-up (median of
-    the per-round ratios, with quartiles) and the extra parameter bytes."""
+    raises).  Rows: per-guess rate, share of guesses kept, tokens per model call,
+    speed-up (median of the per-round ratios, with quartiles), extra parameter bytes."""
     from effdl.inference.ppd import ppd_greedy
 
-    ref = generate(model, prompt, n, cached=True)
-    fns = {"alone": lambda: generate(model, prompt, n, cached=True)}
+    refs = [generate(model, p, n, cached=True) for p in prompts]
+    fns = {"alone": lambda: [generate(model, p, n, cached=True) for p in prompts]}
     stats = {}
     for k in ks:
-        ids, st = ppd_greedy(model, prompt_tokens, prompt, n, k)
-        if not torch.equal(ids, ref):
-            raise AssertionError(f"PPD with k={k} changed the output")
-        stats[k] = st
-        fns[k] = lambda k=k: ppd_greedy(model, prompt_tokens, prompt, n, k)
+        got = []
+        for p, ref in zip(prompts, refs):
+            ids, st = ppd_greedy(model, prompt_tokens, p, n, k)
+            if not torch.equal(ids, ref):
+                raise AssertionError(f"PPD with k={k} changed the output")
+            got.append(st)
+        stats[k] = _pool(got)
+        fns[k] = lambda k=k: [ppd_greedy(model, prompt_tokens, p, n, k)
+                              for p in prompts]
     res = interleaved(fns, rounds=repeat, warmup=1, device=_device(model))
-    base = res["alone"].times_ms
-    out = []
+    out = [_alone_row(res, prompts, n) | {"method": "model alone"}]
     for k, st in stats.items():
-        t = res[k].times_ms
-        q1, med, q3 = quartiles([b / a for a, b in zip(t, base)])
-        out.append(row("ppd", batch=1, prompt_len=prompt.shape[1], gen_len=n,
-                       tokens_per_s=n / statistics.median(t) * 1e3,
+        out.append(row("ppd", batch=1, prompt_len=prompts[0].shape[1], gen_len=n,
+                       tokens_per_s=n * len(prompts)
+                       / statistics.median(res[k].times_ms) * 1e3,
                        acceptance=st.acceptance_rate, accept_rate=st.acceptance_rate,
-                       speedup=med, speedup_q1=q1, speedup_q3=q3, k=k,
-                       tokens_per_call=st.tokens_per_forward,
-                       extra_bytes=st.extra_param_bytes, **_spread(t)))
+                       alpha=st.alpha, k=k, tokens_per_call=st.tokens_per_forward,
+                       extra_bytes=st.extra_param_bytes,
+                       **_speedups(res, "alone", k), **_spread(res[k].times_ms)))
     return out
 
 
@@ -305,11 +392,13 @@ def kvpred_rows(base: ByteLM, aux: ByteLM, predictor, prompt_len: int,
 def decode_token_cost(cfg: dict, context: int, batch: int = 1, bytes_per: int = 2):
     """FLOPs and bytes of generating one token per sequence at ``context`` tokens.
 
-    Parameters: read once per step for the whole batch (2 FLOPs each per sequence).
+    Parameters: read once per step for the whole batch (2 FLOPs each per sequence;
+    ``params`` counts the input embedding too, which a step only indexes).
     Attention: Q·K and P·V over the context, 4 · context · layers · heads · head dim
     FLOPs per sequence, and each sequence reads its own K and V (context · KV bytes per
     token).  Returns per-step totals for the batch."""
     head_dim = cfg["d_model"] // cfg["n_head"]
+    context = min(context, cfg.get("window") or context)   # a sliding window caps it
     attn = 4 * context * cfg["n_layer"] * cfg["n_head"] * head_dim
     return {"param_bytes": cfg["params"] * bytes_per,
             "kv_bytes": batch * context * kv_per_token(**cfg, bytes_per=bytes_per),
@@ -323,6 +412,8 @@ def kinetics(contexts, batch: int = 1, configs=None) -> list[dict]:
     out = []
     for name, cfg in configs.items():
         cross = cfg["params"] * 2 / (batch * kv_per_token(**cfg))
+        if cfg.get("window") and cross > cfg["window"]:
+            cross = float("inf")                 # the capped cache never gets there
         for L in contexts:
             c = decode_token_cost(cfg, L, batch)
             out.append({"model": name, "context": L, "batch": batch, **c,

@@ -57,7 +57,7 @@ def plot_serving(rows):
     """Throughput and p95 latency against the batch size, static vs continuous."""
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
     for ax, value, label in ((axes[0], "tokens_per_s", "throughput (tokens/s)"),
-                             (axes[1], "p95_ms", "p95 latency (ms)")):
+                             (axes[1], "p95_s", "p95 latency (s)")):
         stats = _mean_by(rows, ("method", "batch"), value)
         for method in dict.fromkeys(r["method"] for r in rows):
             pts = sorted((b, v) for (m, b), v in stats.items() if m == method)
@@ -74,33 +74,37 @@ def plot_serving(rows):
     return fig
 
 
-def plot_speculative(rows, expected=None):
-    """Speed-up over the target alone and acceptance rate against the draft length."""
+def plot_speculative(rows):
+    """Measured speed-up over the large model alone against the draft length, with
+    the one Leviathan et al.'s formula predicts (when the rows carry it)."""
     fig, ax = new_axes("draft length k", "speed-up over the large model alone",
                        "Speculative decoding, greedy, batch 1")
     sub = [r for r in rows if r.get("k")]
     ax.errorbar([r["k"] for r in sub], [r["speedup"] for r in sub],
                 yerr=[[r["speedup"] - r["speedup_q1"] for r in sub],
                       [r["speedup_q3"] - r["speedup"] for r in sub]],
-                marker="o", capsize=3, label="measured speed-up")
+                marker="o", capsize=3, label="measured (median, quartiles)")
+    if all(r.get("predicted") is not None for r in sub):
+        ax.plot([r["k"] for r in sub], [r["predicted"] for r in sub], "s--",
+                label="predicted from alpha and c")
     ax.axhline(1.0, color="gray", lw=1)
-    ax2 = ax.twinx()
-    ax2.plot([r["k"] for r in sub], [r["acceptance"] for r in sub], "s--", color="C1",
-             label="share of guesses kept")
-    ax2.set_ylabel("share of guesses kept")
-    ax2.set_ylim(0, 1)
-    fig.legend(loc="lower left", bbox_to_anchor=(0.12, 0.15), fontsize=8)
+    ax.set_xticks([r["k"] for r in sub])
+    ax.legend(fontsize=8)
     return fig
 
 
 def plot_kinetics(rows):
-    """Share of a decode step's memory traffic that is the KV cache, as context grows."""
+    """Share of a decode step's memory traffic that is the KV cache, as context grows:
+    one line per (model, batch), solid at batch 1, dashed for larger batches."""
     fig, ax = new_axes("context (tokens)", "KV cache share of bytes read per step",
                        logx=True)
-    for model in dict.fromkeys(r["model"] for r in rows):
-        sub = sorted((r for r in rows if r["model"] == model), key=lambda r: r["context"])
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    for model, batch in dict.fromkeys((r["model"], r["batch"]) for r in rows):
+        sub = sorted((r for r in rows if (r["model"], r["batch"]) == (model, batch)),
+                     key=lambda r: r["context"])
         ax.plot([r["context"] for r in sub], [r["kv_share"] for r in sub], marker="o",
-                label=f"{model}, batch {sub[0]['batch']}")
+                ls="-" if batch == 1 else "--", color=f"C{models.index(model)}",
+                label=f"{model}, batch {batch}")
     ax.axhline(0.5, color="gray", lw=1, ls=":")
     ax.set_ylim(0, 1)
     ax.legend(fontsize=8)
@@ -125,7 +129,7 @@ def plot_recorded(doc: dict):
 
     rows = doc["results"]
     print_table(rows, ["method", "batch", "prompt_len", "gen_len", "ttft_ms", "tpot_ms",
-                       "tokens_per_s", "acceptance", "speedup"])
+                       "tokens_per_s", "alpha", "speedup"])
     fig = plot_bench(rows)
     fig.axes[0].set_title(recorded_label(doc["meta"]))
     return fig

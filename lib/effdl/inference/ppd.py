@@ -369,12 +369,19 @@ class PPDStats:
     forwards: int = 0
     proposed: int = 0              # guessed tokens the model checked
     accepted: int = 0              # of which it kept
+    rejected: int = 0              # steps that ended at a disagreement
     new_tokens: int = 0
     extra_param_bytes: int = 0     # the prompt tokens (a draft model: all its weights)
 
     @property
     def acceptance_rate(self) -> float:
         return self.accepted / self.proposed if self.proposed else float("nan")
+
+    @property
+    def alpha(self) -> float:
+        """Per-guess acceptance rate: kept / (kept + rejected)."""
+        seen = self.accepted + self.rejected
+        return self.accepted / seen if seen else float("nan")
 
     @property
     def calls_per_token(self) -> float:
@@ -485,5 +492,6 @@ def ppd_greedy(model: ByteLM, prompt_tokens: PromptTokens, prompt, n: int,
         stats.forwards += 1
         stats.proposed += k_now
         stats.accepted += a
+        stats.rejected += a < k_now
     stats.new_tokens = n
     return seq, stats

@@ -48,11 +48,21 @@ class SpecStats:
     draft_calls: int = 0
     proposed: int = 0              # draft tokens the target checked
     accepted: int = 0              # of which it kept
+    rejected: int = 0              # rounds that ended at a disagreement
     new_tokens: int = 0
 
     @property
     def acceptance_rate(self) -> float:
+        """Share of the drafted tokens kept: falls with k even at a constant per-guess
+        rate, since a round stops at its first rejection."""
         return self.accepted / self.proposed if self.proposed else float("nan")
+
+    @property
+    def alpha(self) -> float:
+        """Per-guess acceptance rate, the alpha of Leviathan et al.: kept / (kept +
+        rejected), each round's guesses being checked until the first rejection."""
+        seen = self.accepted + self.rejected
+        return self.accepted / seen if seen else float("nan")
 
     @property
     def target_calls_per_token(self) -> float:
@@ -245,6 +255,7 @@ def _generate(target, draft, prompt, n, k, round_fn, first_token):
         stats.draft_calls += k_now
         stats.proposed += k_now
         stats.accepted += a
+        stats.rejected += a < k_now
     stats.new_tokens = n
     return seq, stats
 
