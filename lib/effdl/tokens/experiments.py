@@ -3,12 +3,17 @@ measurements (accuracy, latency, FLOPs per reducer and budget; the KV codec's si
 
 Rows ``{"method", "keep", "mean_tokens_kept_frac", "accuracy", "ms_batch1", "ms_batch64", "gflops"}``
 (``keep_all`` is the model with no reducer at all) and ``{"method": "kv", "bits", "group",
-"ratio_vs_fp16", "attn_rel_err"}``.  ``python -m effdl.bench tokens`` calls the same functions.
+"ratio_vs_fp16", "attn_rel_err", "loss_rel_increase", ...}`` (see :func:`kv_rows`).
+``python -m effdl.bench tokens`` calls the same functions.
 """
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from effdl.measure import interleaved
@@ -19,7 +24,10 @@ from effdl.tokens.train import evaluate
 from effdl.tokens.vit import Block, TinyViT, block_flops
 
 __all__ = ["build_model", "datasets", "method_fn", "measure_methods", "token_cost", "kv_rows",
-           "tcc_summary"]
+           "tcc_summary", "kv_model", "kv_windows", "cache_tensors", "query_tensors",
+           "continuation_loss", "quantize_cache", "layer_sensitivity", "sensitivity_table",
+           "predicted_increase", "allocate_bits", "even_bits", "delta_pays",
+           "kv_premises", "codec_row", "ttft_s", "crossover_gbps", "ttft_timings"]
 
 
 def build_model(S, seed: int = 0) -> TinyViT:
@@ -110,22 +118,338 @@ def token_cost(dim: int, heads: int, depth: int, token_counts, *, batch: int = 6
     return rows
 
 
-def kv_rows(S, *, seed: int = 0, groups=(1, 8), progress: bool = True) -> list[dict]:
-    """Bytes vs attention-output error of the KV codec: uniform bits, and the layer-dependent default."""
-    lm = kvcache.CausalLM(dim=S.kv_dim, depth=S.kv_depth, heads=max(1, S.kv_dim // 32), seed=seed,
-                          max_len=max(4096, S.kv_tokens))
-    q, k, v = lm.kv_cache(kvcache.corpus_tokens(S.kv_tokens, seed))
-    out = kvcache.attention_output(q, k, v)
-    configs = [(b, g) for g in groups for b in S.kv_bits] + [(tuple(kvcache.layer_bits(S.kv_depth)), 8)]
+# ------------------------------------------------------- the KV cache of a trained LM
+# The chapter compresses the cache of the course's trained byte-level model (effdl.lm,
+# a shared library; a chapter never imports another chapter).  Shapes: a window batch
+# has B sequences; k, v are (B, L, H_kv, T, d), one sequence's (L, H_kv, T, d) as the
+# codec takes them.
+
+
+def kv_model():
+    """The course's trained byte-level language model (:func:`effdl.lm.load`), in eval
+    mode, on the CPU.
+
+    Trained (once, then cached) on the live device; the KV section runs on the CPU,
+    where the range coder runs (its timings are the CPU's, on every profile).
+    """
+    from effdl import lm
+
+    return lm.load(lm.store.NAMES[0], verbose=False).cpu()
+
+
+def kv_windows(model, n: int, *, length: int | None = None, cont: int | None = None):
+    """``n`` held-out windows of ``length`` bytes, evenly spaced: ``(context,
+    continuation)``.
+
+    ``length`` defaults to the windows the model was trained on (``seq_len``; past it a
+    byte model predicts less well), ``cont`` to an eighth of it.  Returns context ``(n,
+    length - cont)`` and continuation ``(n, cont)``, int64.  The held-out files were
+    never trained on.
+    """
+    from effdl import lm
+
+    T = min(length or lm.sizes().target_train.seq_len, model.config.max_len)
+    cont = cont or max(4, T // 8)
+    data = lm.load_corpus(lm.sizes().corpus_bytes).held_out.long()
+    starts = torch.linspace(0, data.numel() - T - 1, n).long()
+    w = data[starts[:, None] + torch.arange(T)]                       # (n, T)
+    return w[:, :T - cont], w[:, T - cont:]
+
+
+def cache_tensors(cache) -> tuple[torch.Tensor, torch.Tensor]:
+    """The valid prefix of an :class:`effdl.lm.KVCache`: k, v ``(B, L, H_kv, T, d)``."""
+    n = cache.length
+    return (torch.stack([t[:, :, :n] for t in cache.k], 1),
+            torch.stack([t[:, :, :n] for t in cache.v], 1))
+
+
+@torch.no_grad()
+def query_tensors(model, idx) -> torch.Tensor:
+    """The queries (after RoPE) of one sequence ``idx`` ``(1, T)``: ``(L, H, T, d)``."""
+    from effdl.lm.model import apply_rope
+
+    outs = []
+    hooks = [b.attn.wq.register_forward_hook(lambda m, i, o: outs.append(o))
+             for b in model.blocks]
+    try:
+        model(idx[:1])
+    finally:
+        for h in hooks:
+            h.remove()
+    c, T = model.config, idx.shape[1]
+    cos, sin = model.rope_cos[:T], model.rope_sin[:T]
+    return torch.stack([apply_rope(o.view(1, T, c.n_head, c.head_dim).transpose(1, 2),
+                                   cos, sin)[0] for o in outs])
+
+
+@torch.no_grad()
+def continuation_loss(model, cache, cont, k=None, v=None) -> float:
+    """Mean next-byte loss (nats) of ``cont[:, 1:]`` decoded after ``cache`` (teacher
+    forcing).
+
+    ``k, v`` ``(B, L, H_kv, T, d)``: replace the cached prefix first (a copy; ``cache``
+    is left as it is).  The first continuation byte is predicted by the prefill's last
+    logits, which no cache change can alter, so it is left out.
+    """
+    from effdl.lm import KVCache
+
+    c = KVCache([t.clone() for t in cache.k], [t.clone() for t in cache.v],
+                cache.length)
+    if k is not None:
+        for layer in range(len(c.k)):
+            c.k[layer][:, :, :c.length] = k[:, layer]
+            c.v[layer][:, :, :c.length] = v[:, layer]
+    logits, _ = model.decode_step(cont, c)                              # (B, n, 256)
+    return float(torch.nn.functional.cross_entropy(
+        logits[:, :-1].flatten(0, 1).double(), cont[:, 1:].flatten()))
+
+
+def quantize_cache(k, v, bits, group: int = 8):
+    """k, v ``(B, L, H_kv, T, d)`` through the codec's quantizer
+    (:func:`kvcache.delta_quantize`).
+
+    ``bits``: one entry per layer, ``None`` to leave that layer exact.  Each (sequence,
+    layer, K/V) is quantized as :func:`kvcache.compress` does: one row per token, all
+    heads.
+    """
+    k, v = k.clone(), v.clone()
+    B, L, H, T, d = k.shape
+    for t in (k, v):
+        for b in range(B):
+            for layer, nb in enumerate(bits):
+                if nb is not None:
+                    x = t[b, layer].float().permute(1, 0, 2).reshape(T, H * d)
+                    x_hat = kvcache.delta_quantize(x, nb, group)[2]
+                    t[b, layer] = x_hat.reshape(T, H, d).permute(1, 0, 2).to(t.dtype)
+    return k, v
+
+
+def layer_sensitivity(model, cache, cont, bits: int | None = 3,
+                      group: int = 8) -> list[float]:
+    """Relative increase of the continuation loss when ONE layer's K and V are quantized
+    to ``bits`` (every other layer exact): one number per layer.  ``bits=None``: no
+    layer is quantized (the increase is exactly 0).
+    """
+    base = continuation_loss(model, cache, cont)
+    k, v = cache_tensors(cache)
+    out = []
+    for layer in range(k.shape[1]):
+        spec = [None] * k.shape[1]
+        spec[layer] = bits
+        kq, vq = quantize_cache(k, v, spec, group)
+        out.append(continuation_loss(model, cache, cont, kq, vq) / base - 1)
+    return out
+
+
+def sensitivity_table(model, cache, cont, widths=(2, 3), group: int = 8) -> dict:
+    """``{bits: [loss increase of layer 0, 1, ...]}``: :func:`layer_sensitivity` per
+    width."""
+    return {b: layer_sensitivity(model, cache, cont, b, group) for b in widths}
+
+
+def predicted_increase(table: dict, layer: int, bits: int) -> float:
+    """Loss increase of ``layer`` alone at ``bits``: measured when ``bits`` is in
+    ``table``; past the widest measured width ``w``, ``table[w] · 4**-(bits - w)`` (one
+    more bit halves the step, and the squared error falls 4×).
+    """
+    if bits in table:
+        return table[bits][layer]
+    w = max(table)
+    if bits < w:
+        raise ValueError(f"no measurement at {bits} bits; measured {sorted(table)}")
+    return table[w][layer] * 4.0 ** -(bits - w)
+
+
+def allocate_bits(table: dict, budget: int, *, high: int = 12) -> list[int]:
+    """Bits per layer summing to ``budget``: each bit goes where it removes the most
+    loss.
+
+    ``table``: ``{bits: [loss increase per layer]}`` (:func:`sensitivity_table`).  Every
+    layer starts at the narrowest measured width; each next bit goes to the layer whose
+    predicted increase falls most from one more bit (:func:`predicted_increase`), ties
+    to the earlier layer.
+    """
+    low, L = min(table), len(next(iter(table.values())))
+    if not L * low <= budget <= L * high:
+        raise ValueError(f"budget must lie in [{L * low}, {L * high}] bits for {L} "
+                         f"layers in [{low}, {high}] bits each, got {budget}")
+    bits = [low] * L
+
+    def gain(i):  # loss removed by one more bit in layer i
+        return (predicted_increase(table, i, bits[i])
+                - predicted_increase(table, i, bits[i] + 1))
+
+    for _ in range(budget - L * low):
+        i = max((j for j in range(L) if bits[j] < high), key=gain)
+        bits[i] += 1
+    return bits
+
+
+def even_bits(budget: int, n_layers: int) -> list[int]:
+    """The budget spread evenly; a remainder goes to the first layers (CacheGen's rule
+    of thumb: shallow layers are the sensitive ones).
+    """
+    q, r = divmod(budget, n_layers)
+    return [q + (i < r) for i in range(n_layers)]
+
+
+def _entropy_bits(q: torch.Tensor) -> float:
+    """Empirical entropy of each column of integers ``q`` (N, C), in bits, averaged over
+    C."""
+    total = 0.0
+    for col in q.T:
+        p = torch.unique(col, return_counts=True)[1].double() / col.numel()
+        total += float(-(p * p.log2()).sum())
+    return total / q.shape[1]
+
+
+@torch.no_grad()
+def kv_premises(model, cache, *, bits: int = 6, group: int = 8) -> list[dict]:
+    """CacheGen's premises, measured per layer on a cache ``(B, L, H_kv, T, d)``.
+
+    For keys (as cached, after RoPE), keys with RoPE undone, and values: the mean cosine
+    similarity of neighbouring tokens; the empirical entropy (bits per value, per
+    channel) of the quantized integers at ``bits`` bits, coded raw, as deltas to the
+    previous token and as deltas to the group's anchor; and the spread of the channels'
+    scales (largest over median per-channel standard deviation).
+    """
+    from effdl.lm.model import apply_rope
+
+    k, v = cache_tensors(cache)
+    B, L, H, T, d = k.shape
+    cos, sin = model.rope_cos[:T], model.rope_sin[:T]
+    k_pre = apply_rope(k.flatten(0, 1), cos, -sin).view(k.shape)  # rotate back
     rows = []
-    for bits, group in tqdm(configs, desc="kv", disable=not progress, leave=False):
-        blob = kvcache.compress(k, v, bits=list(bits) if isinstance(bits, tuple) else bits, group=group)
-        k2, v2 = kvcache.decompress(blob)
-        rows.append({"method": "kv", "bits": "/".join(map(str, bits)) if isinstance(bits, tuple) else bits,
-                     "group": group, "bytes": len(blob), "ratio_vs_fp16": kvcache.fp16_bytes(k, v) / len(blob),
-                     "attn_rel_err": kvcache.relative_error(out, kvcache.attention_output(q, k2, v2)),
-                     "bits_per_value": 8 * len(blob) / (k.numel() + v.numel())})
+    for layer in range(L):
+        for kind, t in (("K", k), ("K before RoPE", k_pre), ("V", v)):
+            xs = [t[b, layer].float().permute(1, 0, 2).reshape(T, H * d)
+                  for b in range(B)]
+            cos_nb = torch.cat([F.cosine_similarity(x[1:], x[:-1], dim=-1) for x in xs])
+            raw, prev, anchor = [], [], []
+            for x in xs:
+                q, step = kvcache.quantize_tokens(x, bits)
+                raw.append(q)
+                prev.append(torch.round((x[1:] - x[:-1]) / step[1:, None]).long())
+                qd = kvcache.delta_quantize(x, bits, group)[0]
+                anchor.append(qd[torch.arange(T) % group != 0])
+            std = torch.cat(xs).std(0)                                 # (C,)
+            rows.append({"layer": layer, "tensor": kind,
+                         "neighbour_cos": float(cos_nb.mean()),
+                         "bits_raw": _entropy_bits(torch.cat(raw)),
+                         "bits_vs_prev": _entropy_bits(torch.cat(prev)),
+                         "bits_vs_anchor": _entropy_bits(torch.cat(anchor)),
+                         "ch_spread": float(std.max() / std.median())})
     return rows
+
+
+def codec_row(model, cache, cont, bits, *, group: int = 8, q0=None, label=None) -> dict:
+    """One codec setting on every sequence of ``cache``: real bytes, and the loss it
+    costs.
+
+    ``bits``: an int (uniform) or one int per layer.  Each sequence is compressed on its
+    own (:func:`kvcache.compress`), decompressed, put back in the cache, and the
+    continuation decoded from it.  ``q0``: the queries of sequence 0
+    (:func:`query_tensors`), for the attention-output error.
+    """
+    k, v = cache_tensors(cache)
+    L = k.shape[1]
+    spec = [int(bits)] * L if isinstance(bits, int) else [int(b) for b in bits]
+    blobs = [kvcache.compress(k[b], v[b], bits=spec, group=group)
+             for b in range(k.shape[0])]
+    back = [kvcache.decompress(blob) for blob in blobs]
+    k2 = torch.stack([kb for kb, _ in back]).to(k.dtype)
+    v2 = torch.stack([vb for _, vb in back]).to(v.dtype)
+    base = continuation_loss(model, cache, cont)
+    loss = continuation_loss(model, cache, cont, k2, v2)
+    nbytes, fp16 = sum(map(len, blobs)), kvcache.fp16_bytes(k, v)
+    row = {"method": "kv", "allocation": label or ("uniform" if isinstance(bits, int)
+                                                   else "layer-wise"),
+           "bits": bits if isinstance(bits, int) else "/".join(map(str, spec)),
+           "layer_bits": spec, "mean_bits": sum(spec) / L, "group": group,
+           "bytes": nbytes,
+           "ratio_vs_fp16": fp16 / nbytes, "bits_per_value": 8 * nbytes / k.numel() / 2,
+           "loss_rel_increase": loss / base - 1}
+    if q0 is not None:
+        row["attn_rel_err"] = kvcache.relative_error(
+            kvcache.attention_output(q0, k[0], v[0]),
+            kvcache.attention_output(q0, k2[0], v2[0]))
+    return row
+
+
+def delta_pays(premises) -> bool:
+    """Whether coding deltas against anchors takes fewer bits than coding values, summed
+    over the :func:`kv_premises` rows of the cached tensors (K after RoPE, and V)."""
+    rows = [r for r in premises if r["tensor"] in ("K", "V")]
+    return sum(r["bits_vs_anchor"] for r in rows) < sum(r["bits_raw"] for r in rows)
+
+
+def kv_rows(S, *, model=None, means=None, table=None, group: int | None = None,
+            progress: bool = True) -> list[dict]:
+    """Even against measured bits per layer at the same total, for each mean width in
+    ``means`` (default: 2.5 and ``S.kv_bits``), on ``S.kv_windows`` held-out windows of
+    the trained language model.
+
+    Rows ``{"method": "kv", "allocation", "bits", "layer_bits", "mean_bits", "group",
+    "bytes", "ratio_vs_fp16", "bits_per_value", "loss_rel_increase", "attn_rel_err"}``;
+    ``bits`` is an int when every layer has the same width, else ``"b0/b1/..."``.
+    ``table``: the per-layer sensitivities (default: measured here at 2 and 3 bits);
+    ``group``: the anchor interval (default: 8 if delta coding pays on this cache, else
+    1).
+    """
+    model = model or kv_model()
+    ctx, cont = kv_windows(model, S.kv_windows)
+    with torch.no_grad():
+        _, cache = model.prefill(ctx)
+    if group is None:
+        group = 8 if delta_pays(kv_premises(model, cache)) else 1
+    table = table or sensitivity_table(model, cache, cont, (2, 3), group)
+    q0 = query_tensors(model, ctx[:1])
+    L = model.config.n_layer
+    rows = []
+    means = means or (2.5, *S.kv_bits)
+    for m in tqdm(means, desc="kv", disable=not progress, leave=False):
+        budget = round(m * L)
+        for label, spec in (("even", even_bits(budget, L)),
+                            ("measured", allocate_bits(table, budget))):
+            bits = spec[0] if len(set(spec)) == 1 else spec
+            rows.append(codec_row(model, cache, cont, bits, group=group, q0=q0,
+                                  label=label))
+    return rows
+
+
+def ttft_s(nbytes: float, gbps, decode_s: float = 0.0):
+    """Time to first token when the cache is fetched: ``8·nbytes / bandwidth +
+    decode_s`` (seconds; ``gbps`` in Gbit/s, a number or an array).  The first token's
+    own decode step is the same in every case and left out.
+    """
+    return 8 * nbytes / (np.asarray(gbps, dtype=float) * 1e9) + decode_s
+
+
+def crossover_gbps(nbytes: float, recompute_s: float, decode_s: float = 0.0) -> float:
+    """The bandwidth (Gbit/s) above which fetching ``nbytes`` and decoding them beats
+    recomputing the prefill; ``inf`` when decoding alone takes longer than recomputing.
+    """
+    spare = recompute_s - decode_s
+    return 8 * nbytes / spare / 1e9 if spare > 0 else math.inf
+
+
+def ttft_timings(model, ctx, blobs: dict, *, repeat: int = 7) -> dict:
+    """Seconds (median of interleaved rounds) of the prefill of ``ctx`` ``(1, T)`` and
+    of turning each blob back into a cache: ``{"prefill": s, name: s, ...}``.
+
+    ``blobs``: name -> ``bytes`` from :func:`kvcache.compress`, or a float16 tensor (the
+    plain cache: decoding is reading it back as float32).
+    """
+    def decode(blob):
+        if isinstance(blob, torch.Tensor):
+            return lambda: blob.float()
+        return lambda: kvcache.decompress(blob)
+
+    calls = {"prefill": lambda: model.prefill(ctx)}
+    calls.update({name: decode(b) for name, b in blobs.items()})
+    with torch.no_grad():
+        res = interleaved(calls, rounds=repeat, warmup=1)
+    return {name: r.median_ms / 1e3 for name, r in res.items()}
 
 
 def tcc_summary(rows) -> list[dict]:

@@ -12,6 +12,10 @@ storing it in fp16 costs 2 bytes per element.  :func:`compress` turns it into a 
 3. **entropy coding**: the integers are range-coded (``constriction``) under a quantized Laplace
    model whose scale is fitted per (layer, K/V, anchor/delta, channel) and stored in the header.
 
+The chapter compresses the cache of the course's trained byte-level model
+(:mod:`effdl.lm`, see :mod:`effdl.tokens.experiments`); :class:`CausalLM` is an untrained
+stand-in of the same shape for fast tests.
+
 The blob carries a header (magic, version, shape, bits, group) and a CRC32 of everything, so a
 corrupt or truncated blob raises :class:`ValueError` instead of decoding garbage.
 :func:`decompress` inverts it exactly (up to the quantization error).
@@ -101,7 +105,14 @@ class CausalLM(nn.Module):
 
 
 def attention_output(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Causal attention per layer: q, k, v ``(L, H, T, d)`` -> ``(L, H, T, d)``."""
+    """Causal attention per layer: q ``(L, H, T, d)``, k, v ``(L, H_kv, T, d)`` -> ``(L, H, T, d)``.
+
+    With fewer K/V heads than query heads (grouped-query attention), each K/V head
+    serves ``H / H_kv`` consecutive query heads.
+    """
+    g = q.shape[-3] // k.shape[-3]
+    if g > 1:
+        k, v = k.repeat_interleave(g, dim=-3), v.repeat_interleave(g, dim=-3)
     return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True)
 
 

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 __all__ = ["kept_tokens_figure", "explore_kept", "token_overlay", "plot_tradeoff", "plot_kv",
+           "plot_kv_loss", "plot_ttft",
            "plot_bench", "plot_recorded"]
 
 
@@ -172,3 +173,53 @@ def plot_recorded(doc: dict):
     return plot_rows(rows, x="mean_tokens_kept_frac", y="ms_batch64", line="method", logx=False,
                      xlabel="mean fraction of patch tokens kept", ylabel="batch-64 latency (ms)",
                      title=recorded_label(doc["meta"]))
+
+
+def plot_kv_loss(rows, ax=None):
+    """Next-byte loss increase against compression ratio, one line per bit allocation."""
+    import matplotlib.pyplot as plt
+
+    kv = [r for r in rows if r.get("method") == "kv" and "loss_rel_increase" in r]
+    if ax is None:
+        _, ax = plt.subplots(figsize=(5.5, 3.8))
+    for alloc, marker in (("even", "o"), ("measured", "s")):
+        pts = sorted((r["ratio_vs_fp16"], 100 * r["loss_rel_increase"], r["bits"])
+                     for r in kv if r["allocation"] == alloc)
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker,
+                    label=f"{alloc} bits per layer")
+    for r in kv:
+        if r["allocation"] == "even":
+            ax.annotate(str(r["bits"]), (r["ratio_vs_fp16"], 100 * r["loss_rel_increase"]),
+                        fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.axhline(1.0, color="gray", ls=":")
+    ax.axvline(3.5, color="gray", ls=":")
+    ax.axhline(0.0, color="black", lw=0.5)
+    ax.set(xlabel="compression ratio vs fp16 (×)", ylabel="next-byte loss increase (%)",
+           title="KV cache: size vs loss (better: lower right)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    ax.figure.tight_layout()
+    return ax.figure
+
+
+def plot_ttft(nbytes: dict, decode_s: dict, recompute_s: float, gbps, ax=None):
+    """Time to first token against bandwidth: one line per way of shipping the cache
+    (``nbytes[name]`` bytes, ``decode_s[name]`` to turn them into a cache), and the
+    prefill recomputed (flat)."""
+    import matplotlib.pyplot as plt
+
+    from effdl.tokens.experiments import ttft_s
+
+    gbps = np.asarray(gbps, dtype=float)
+    if ax is None:
+        _, ax = plt.subplots(figsize=(5.5, 3.8))
+    for name, n in nbytes.items():
+        ax.plot(gbps, 1e3 * ttft_s(n, gbps, decode_s[name]), label=f"fetch {name}")
+    ax.axhline(1e3 * recompute_s, color="black", ls="--", label="recompute the prefill")
+    ax.set(xscale="log", yscale="log", xlabel="bandwidth (Gbit/s)",
+           ylabel="time to first token (ms)", title="Fetch the cache or recompute it")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7)
+    ax.figure.tight_layout()
+    return ax.figure

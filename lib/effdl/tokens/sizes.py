@@ -26,10 +26,11 @@ class Sizes:
     bench_batch: int               # the "batch 64" of the latency columns
     repeat: int                    # timing repeats
     cost_tokens: tuple[int, ...]   # token counts of the "why tokens cost" sweep
-    kv_tokens: int                 # KV-cache section: context length, model width/depth
+    kv_tokens: int                 # KV-cache section: the cost model's context length, width, depth
     kv_dim: int
     kv_depth: int
-    kv_bits: tuple[int, ...]       # uniform bit widths of the bytes-vs-error curve
+    kv_bits: tuple[int, ...]       # mean bits per value of the KV codec's settings
+    kv_windows: int                # held-out windows (of the LM's training length) read
     threads: int | None = None     # CPU threads for training and timing (None: torch's default).
     # why 1 on `smoke` and `cpu`: tests and the site run on a shared 2-core machine; two threads
     # competing with other processes gave 10x timing outliers, one thread gives steady numbers
@@ -41,14 +42,14 @@ SIZES = {
         page=(48, 48), crop=24, patch=8, glyph_px=5, dim=16, depth=3, heads=2, reduce_at=0,
         n_train=96, n_test=32, train_steps=3, train_batch=16, lr=1e-3, train_time_limit_s=20,
         finetune_steps=2, keeps=(0.5,), bench_batch=8, repeat=1, cost_tokens=(16, 64),
-        kv_tokens=64, kv_dim=32, kv_depth=2, kv_bits=(4, 6), threads=1,
+        kv_tokens=64, kv_dim=32, kv_depth=2, kv_bits=(4, 6), kv_windows=2, threads=1,
     ),
     "cpu": Sizes(
         page=(96, 96), crop=48, patch=8, glyph_px=5, dim=32, depth=6, heads=2, reduce_at=0,
         n_train=3000, n_test=1000, train_steps=200, train_batch=32, lr=1e-3, train_time_limit_s=100,
         finetune_steps=30, keeps=(0.7, 0.5, 0.35, 0.25), bench_batch=64, repeat=15,
         cost_tokens=(16, 36, 64, 144, 256, 576), kv_tokens=1024, kv_dim=128, kv_depth=4,
-        kv_bits=(3, 4, 5, 6, 7, 8), threads=1,
+        kv_bits=(3, 4, 5, 6, 7, 8), kv_windows=32, threads=1,
     ),
     "gpu": Sizes(
         # sized for a free Colab T4 by effdl.estimate; at 4096 tokens, batch 64,
@@ -57,7 +58,7 @@ SIZES = {
         n_train=4000, n_test=1000, train_steps=800, train_batch=128, lr=1e-3, train_time_limit_s=300,
         finetune_steps=100, keeps=(0.7, 0.5, 0.35, 0.25), bench_batch=32, repeat=20,
         cost_tokens=(64, 256, 1024, 2048), kv_tokens=4096, kv_dim=256, kv_depth=8,
-        kv_bits=(3, 4, 5, 6, 7, 8),
+        kv_bits=(3, 4, 5, 6, 7, 8), kv_windows=16,
     ),
 }
 
@@ -88,6 +89,10 @@ def work(S: Sizes):
     w += (S.repeat + 1) * len(S.keeps) * methods * (4 * forward(1) + forward(S.bench_batch))
     for t in S.cost_tokens:                                            # cost against token count
         w += (S.repeat + 1) * forward(S.bench_batch, t)
-    # the KV-cache section: a small causal LM on the host, one pass plus a codec sweep
-    w += Work(host_flops=(2 + len(S.kv_bits)) * S.kv_depth * block_flops(S.kv_tokens, S.kv_dim, 4.0))
+    # the KV-cache section, on the host: the shared LM (at most kv_depth layers of width kv_dim)
+    # over kv_windows windows of its training length (at most 512 bytes, effdl.lm.profiles):
+    # a prefill, a decode per layer and width (sensitivity), two per codec setting; timings
+    window = min(S.kv_tokens, 512)
+    passes = S.kv_windows * (2 + 2 * S.kv_depth + 2 * (1 + len(S.kv_bits))) + 2 * S.repeat
+    w += Work(host_flops=passes * S.kv_depth * block_flops(window, S.kv_dim, 4.0))
     return w
