@@ -58,21 +58,42 @@ def _cache(B, H, M, d, length, seed):
     return k, v
 
 
+def _new_kv(B, H, T, d, seed):
+    g = torch.Generator().manual_seed(100 + seed)
+    return (torch.randn(B, H, T, d, generator=g, dtype=torch.float64),
+            torch.randn(B, H, T, d, generator=g, dtype=torch.float64))
+
+
+def _append_driver(append_kv, B, H, M, d, n, T, seed):
+    """Runs where the student's code lives: builds the cache, calls append_kv, and
+    returns what it gave back and whether it wrote into the buffers it was given."""
+    kc, vc = _cache(B, H, M, d, n, seed)
+    kn, vn = _new_kv(B, H, T, d, seed)
+    out = append_kv(kc, vc, n, kn, vn)
+    if not (isinstance(out, (tuple, list)) and len(out) == 2):
+        return {"pair": False, "type": type(out).__name__}
+    k, v = out
+    tensors = isinstance(k, torch.Tensor) and isinstance(v, torch.Tensor)
+    # in place: the buffers now hold the new positions, and k, v are views of them
+    written = bool(torch.equal(kc[:, :, n:n + T], kn) and torch.equal(vc[:, :, n:n + T], vn))
+    views = tensors and k.data_ptr() == kc.data_ptr() and v.data_ptr() == vc.data_ptr()
+    return {"pair": True, "k": k, "v": v, "written": written, "views": bool(views)}
+
+
 @exercise_check(student="append_kv")
 def check_append_kv(append_kv) -> None:
     """``append_kv(k_cache, v_cache, length, k_new, v_new) -> (k, v)``: the valid prefix
-    after writing T new positions at ``length``."""
+    after writing T new positions at ``length``, in place."""
+    from effdl.checks import observe
+
     # (B, H_kv, max_len, d, length, T): T = 1 (decode) and T > 1 (drafts), full at the end
     for i, (B, H, M, d, n, T) in enumerate([(1, 2, 16, 8, 5, 1), (3, 1, 9, 4, 1, 3),
                                             (2, 4, 33, 5, 30, 3), (1, 1, 4, 2, 0, 4)]):
         kc, vc = _cache(B, H, M, d, n, i)
-        g = torch.Generator().manual_seed(100 + i)
-        kn = torch.randn(B, H, T, d, generator=g, dtype=torch.float64)
-        vn = torch.randn(B, H, T, d, generator=g, dtype=torch.float64)
-        out = append_kv(kc.clone(), vc.clone(), n, kn, vn)
-        require(isinstance(out, (tuple, list)) and len(out) == 2,
-                f"return a pair (k, v), got {type(out).__name__}")
-        k, v = out
+        kn, vn = _new_kv(B, H, T, d, i)
+        got = observe(append_kv, _append_driver, B, H, M, d, n, T, i)
+        require(got["pair"], f"return a pair (k, v), got {got.get('type')}")
+        k, v = got["k"], got["v"]
         want_k = torch.cat([kc[:, :, :n], kn], dim=2)
         want_v = torch.cat([vc[:, :, :n], vn], dim=2)
         what = f"cache {(B, H, M, d)} holding {n} positions, {T} new"
@@ -91,6 +112,10 @@ def check_append_kv(append_kv) -> None:
 
         assert_close(k, want_k, what=f"{what}: keys", rtol=0, atol=0, hint=hint)
         assert_close(v, want_v, what=f"{what}: values", rtol=0, atol=0, hint=hint)
+        require(got["written"] and got["views"],
+                f"{what}: the values are right but the cache was copied — write the new "
+                "positions into k_cache and v_cache (slice assignment) and return views "
+                "of them; torch.cat copies the whole cache at every decode step")
 
 
 @exercise_check(student="gather_kv")
