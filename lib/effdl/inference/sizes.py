@@ -45,10 +45,10 @@ SIZES = {
                  ppd_m=3, ppd_steps=150, kvp_steps=300, kvp_windows=32, kvp_prompt=256,
                  models="cpu"),
     # a GPU: the gpu-profile models of effdl.lm (6 layers, d 256, context 512)
-    "gpu": Sizes(prompt=128, totals=(64, 128, 256, 512), gen=256, prompts=4, repeat=10,
+    "gpu": Sizes(prompt=128, totals=(64, 128, 256, 512), gen=256, prompts=3, repeat=5,
                  batches=(1, 8, 32, 128), requests=1000, rate=200.0,
                  serve_batches=(16, 32, 64, 128), block=16, spec_ks=(1, 2, 3, 4, 6, 8),
-                 ppd_m=3, ppd_steps=1000, kvp_steps=1000, kvp_windows=128, kvp_prompt=448,
+                 ppd_m=3, ppd_steps=300, kvp_steps=300, kvp_windows=128, kvp_prompt=448,
                  models="gpu",
                  threads=None),
 }
