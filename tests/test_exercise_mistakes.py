@@ -433,6 +433,36 @@ def _ecf(f, t, *, swap=False, total=False, conj=False, axis=1):
     return (im, re) if swap else (re, im)
 
 
+def _paired(fr, fs, t, *, conj=False, root="per", reduce="mean", detach=False, two=False, weight=0.5):
+    """The paired CF loss (α = β = ``weight``), correct with every switch off."""
+    if detach:
+        fs = fs.detach()
+    n = fr.shape[0]
+    if two:                                          # two matmuls, two cos and two sin calls
+        pr, ps = fr @ t.T, fs @ t.T
+        c, s = torch.cat([pr.cos(), ps.cos()]), torch.cat([pr.sin(), ps.sin()])
+    else:
+        p = torch.cat([fr, fs]) @ t.T                # (n + k, m)
+        c, s = p.cos(), p.sin()
+    im_s = -s[n:].mean(0) if conj else s[n:].mean(0)
+    d2 = (c[:n].mean(0) - c[n:].mean(0)) ** 2 + (s[:n].mean(0) - im_s) ** 2
+    per = weight * d2
+    if root == "none":
+        return per.mean()
+    if root == "outside":
+        return per.mean().sqrt()
+    return per.sqrt().sum() if reduce == "sum" else per.sqrt().mean()
+
+
+def _unroll_bytes(shapes, saved, es, *, weights=True, activations=True, bytes_=True, grads=False,
+                  add_dims=False):
+    """Bytes one more unrolled inner step keeps, correct with every switch at its default."""
+    size = (lambda s: sum(s)) if add_dims else (lambda s: torch.Size(s).numel())
+    n = sum(size(s) for s in shapes)
+    elems = (n if weights else 0) + (n if grads else 0) + (saved if activations else 0)
+    return elems * (es if bytes_ else 1)
+
+
 def _amp_phase(fr, fs, t, *, factor=2.0, swap=False, squared=False):
     rr, ir = _ecf(fr, t)
     rs, is_ = _ecf(fs, t)
@@ -477,18 +507,16 @@ def _minmax(sampler, optimizer, f_real, f_syn, *, sign=-1.0, detach=True, same_n
 
 
 DISTILL = [
-    ("check_empirical_cf", lambda f, t: _ecf(f, t, swap=True), "swapped"),
-    ("check_empirical_cf", lambda f, t: _ecf(f, t, total=True), "take the mean"),
-    ("check_empirical_cf", lambda f, t: _ecf(f, t, conj=True), "wrong sign"),
-    ("check_empirical_cf", lambda f, t: _ecf(f, t, axis=0), "one value per frequency|shape"),
     ("check_amplitude_phase", lambda fr, fs, t: _amp_phase(fr, fs, t, factor=1.0), "factor 2"),
     ("check_amplitude_phase", lambda fr, fs, t: _amp_phase(fr, fs, t, swap=True), "swapped"),
     ("check_amplitude_phase", lambda fr, fs, t: _amp_phase(fr, fs, t, squared=True), "moduli"),
-    ("check_mean_embedding_mmd", lambda fr, fs: (fr.mean(0) - fs.mean(0)).norm(), "its square"),
-    ("check_mean_embedding_mmd", lambda fr, fs: ((fr.mean(0) - fs.mean(0)) ** 2).mean(), "a mean over the features"),
-    ("check_mean_embedding_mmd", lambda fr, fs: ((fr.sum(0) - fs.sum(0)) ** 2).sum(), "mean rows"),
-    ("check_mean_embedding_mmd", lambda fr, fs: ((fr[:, None] - fs[None]) ** 2).sum(-1).mean(), "all pairs"),
-    ("check_mean_embedding_mmd", lambda fr, fs: (fr.mean(0) - fs.mean(0)) ** 2, "return a scalar"),
+    ("check_paired_cf_loss", lambda fr, fs, t: _paired(fr, fs, t, conj=True), "conjugated"),
+    ("check_paired_cf_loss", lambda fr, fs, t: _paired(fr, fs, t, root="none"), "no square root"),
+    ("check_paired_cf_loss", lambda fr, fs, t: _paired(fr, fs, t, root="outside"), "root of the mean"),
+    ("check_paired_cf_loss", lambda fr, fs, t: _paired(fr, fs, t, reduce="sum"), "a sum over the freq"),
+    ("check_paired_cf_loss", lambda fr, fs, t: _paired(fr, fs, t, weight=1.0), "without the weights"),
+    ("check_paired_cf_loss", lambda fr, fs, t: _paired(fr, fs, t, detach=True), "no gradient reached f_syn"),
+    ("check_paired_cf_loss", lambda fr, fs, t: _paired(fr, fs, t, two=True), "2 matrix products"),
     ("check_herding", lambda f, k: _herding(f, k, exclude=False), "picked twice"),
     ("check_herding", lambda f, k: _herding(f, k, greedy=False), "nearest the mean one by one"),
     ("check_herding", lambda f, k: _herding(f, k, dtype=torch.float32), "torch.long"),
@@ -497,6 +525,11 @@ DISTILL = [
     ("check_minmax_step", lambda *a: _minmax(*a, cancel=True), "gradient is zero"),
     ("check_minmax_step", lambda *a: _minmax(*a, detach=False), "detach them"),
     ("check_minmax_step", lambda *a: _minmax(*a, same_noise=False), "same noise"),
+    ("check_unroll_bytes_per_step", lambda *a: _unroll_bytes(*a, weights=False), "weights θ_j"),
+    ("check_unroll_bytes_per_step", lambda *a: _unroll_bytes(*a, activations=False), "saved activations"),
+    ("check_unroll_bytes_per_step", lambda *a: _unroll_bytes(*a, bytes_=False), "not bytes"),
+    ("check_unroll_bytes_per_step", lambda *a: _unroll_bytes(*a, grads=True), "gradient"),
+    ("check_unroll_bytes_per_step", lambda *a: _unroll_bytes(*a, add_dims=True), "a·b·c"),
 ]
 
 
@@ -745,6 +778,8 @@ INFERENCE = [
     ("check_append_kv", lambda *a: _append(*a, whole=True), "preallocated buffer"),
     ("check_append_kv", lambda *a: _append(*a, new=False), "shape"),
     ("check_append_kv", lambda *a: _append(*a, swap=True), "swapped"),
+    ("check_append_kv", lambda kc, vc, n, kn, vn: (torch.cat([kc[:, :, :n], kn], 2),
+                                                   torch.cat([vc[:, :, :n], vn], 2)), "copied"),
     ("check_gather_kv", lambda p, t, n: _gather(p, t, n, use_table=False), "table names"),
     ("check_gather_kv", lambda p, t, n: _gather(p, t, n, order=False), "not sorted"),
     ("check_gather_kv", lambda p, t, n: _gather(p, t, n, trim=False), "partly"),
@@ -834,13 +869,13 @@ def test_a_short_answer_written_the_same_way_is_not_refused():
     passes; pasted with its comments, it is refused."""
     from effdl.distill import checks
 
-    def mine(f, t):
-        phase = f @ t.T
-        return phase.cos().mean(-2), phase.sin().mean(-2)
+    def mine(param_shapes, saved_elems, element_size=4):
+        n_params = sum(math.prod(shape) for shape in param_shapes)
+        return element_size * (n_params + saved_elems)
 
-    checks.check_empirical_cf(mine)
+    checks.check_unroll_bytes_per_step(mine)
     with pytest.raises(ExerciseFailed, match="same code"):
-        checks.check_empirical_cf(_copy(resolve("effdl.distill.cf.empirical_cf")))
+        checks.check_unroll_bytes_per_step(_copy(resolve("effdl.distill.unroll.bytes_per_inner_step")))
 
 
 def test_the_correct_variants_pass():
@@ -861,10 +896,11 @@ def test_the_correct_variants_pass():
     from effdl.distill import checks as dc
     from effdl.measuring import checks as mc
 
-    dc.check_empirical_cf(lambda f, t_: _ecf(f, t_))
+    dc.check_paired_cf_loss(lambda fr, fs, t_: _paired(fr, fs, t_))
     dc.check_amplitude_phase(lambda fr, fs, t_: _amp_phase(fr, fs, t_))
     dc.check_herding(lambda f, k: _herding(f, k))
     dc.check_minmax_step(lambda *args: _minmax(*args))
+    dc.check_unroll_bytes_per_step(lambda *args: _unroll_bytes(*args))
     mc.check_async_timer(lambda fn, dev: _timer(fn, dev))
     mc.check_async_timer(lambda fn, dev: _event_timer(fn, dev))
 

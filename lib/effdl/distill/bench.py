@@ -14,9 +14,30 @@ __all__ = ["run", "gpu_suite"]
 
 
 def run(S, device: torch.device) -> list[dict]:
-    """Every method at every IPC and seed of sizes ``S`` (``S.cpu_threads``: why one thread, there)."""
+    """Every method at every IPC and seed of sizes ``S`` (``S.cpu_threads``: why one thread, there).
+
+    The unroll sweep (:func:`effdl.distill.unroll.memory_sweep` at the first IPC: peak bytes of
+    unroll-K matching and of one DM/CF/NCFM step, rows ``{"method", "unroll",
+    "peak_mem_bytes", ...}``) rides along as the field ``"unroll_memory"`` of the DC rows at that
+    IPC, the bi-level method it extends; the rows themselves stay one per (method, ipc, seed)."""
     with cpu_thread_policy(device, S.cpu_threads):
-        return experiment(S, device, progress=False)[0]
+        rows = experiment(S, device, progress=False)[0]
+        sweep = _unroll_rows(S, device)
+    for r in rows:
+        if r["method"] == "dc" and r["ipc"] == S.ipcs[0]:
+            r["unroll_memory"] = sweep
+    return rows
+
+
+def _unroll_rows(S, device) -> list[dict]:
+    from effdl.distill.experiments import load
+    from effdl.distill.unroll import default_unrolls, memory_sweep
+
+    (x, y), _ = load(S, device)
+    pool = FeaturePool(x, y, S.pool_size, S.width, seed=0, cache_real=S.cache_real)
+    rows = memory_sweep(x, y, S.ipcs[0], default_unrolls(), device, pool=pool, S=S, width=S.width,
+                        real_per_class=S.real_per_class)
+    return [{**r, "sweep": "unroll_memory", "ipc": S.ipcs[0], "seed": 0} for r in rows]
 
 
 def gpu_suite(device: torch.device, S) -> list[dict]:

@@ -2,21 +2,25 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from effdl.checks import assert_close, exercise_check, observe, require, same, when_solved  # noqa: F401
 
-__all__ = ["check_empirical_cf", "check_amplitude_phase", "check_mean_embedding_mmd", "check_herding",
-           "check_minmax_step"]
+__all__ = ["check_amplitude_phase", "check_paired_cf_loss", "check_herding", "check_minmax_step",
+           "check_unroll_bytes_per_step"]
 
 #: the library functions that answer each check: refused as answers, and held back in the student
 #: version of the notebook until after the check (see effdl.student)
 REVEALS = {
-    "check_empirical_cf": ["effdl.distill.cf.empirical_cf", "effdl.distill.cf.paired_cf"],
     "check_amplitude_phase": ["effdl.distill.cf.cf_terms"],
-    "check_mean_embedding_mmd": ["effdl.distill.dm.mean_embedding_mmd", "effdl.distill.dm.dm_loss"],
+    "check_paired_cf_loss": ["effdl.distill.cf.cf_discrepancy", "effdl.distill.cf.paired_cf",
+                             "effdl.distill.cf.cf_terms", "effdl.distill.cf.empirical_cf",
+                             "effdl.distill.cf._PairedCF"],
     "check_herding": ["effdl.distill.baselines.herding_indices"],
     "check_minmax_step": ["effdl.distill.ncfm.sampler_ascent_step"],
+    "check_unroll_bytes_per_step": ["effdl.distill.unroll.bytes_per_inner_step"],
 }
 
 # irregular shapes: (n_real, n_syn, dim, n_freq)
@@ -26,32 +30,6 @@ _SHAPES = [(7, 1, 5, 3), (64, 10, 33, 17), (13, 4, 1, 129), (100, 3, 128, 64)]
 def _feats(n, d, seed, shift=0.0):
     g = torch.Generator().manual_seed(seed)
     return torch.randn(n, d, generator=g, dtype=torch.float64) + shift
-
-
-@exercise_check(student="empirical_cf")
-def check_empirical_cf(empirical_cf) -> None:
-    """``empirical_cf(f, t) -> (real, imag)``, each (m,): the mean of exp(i⟨t, f_j⟩) over rows j."""
-    from effdl.distill.cf import empirical_cf as ref
-
-    for i, (n, _, d, m) in enumerate(_SHAPES):
-        f, t = _feats(n, d, i), _feats(m, d, 100 + i) * 0.3
-        out = empirical_cf(f, t)
-        require(isinstance(out, (tuple, list)) and len(out) == 2,
-                f"return a pair (real part, imaginary part), got {type(out).__name__}")
-        re, im = ref(f, t)
-        phase = t @ f.T
-
-        def hint():
-            known = [((im, re), "real and imaginary parts are swapped: (mean cos, mean sin)"),
-                     ((re * n, im * n), "a sum over the rows: take the mean"),
-                     ((re, -im), "the imaginary part has the wrong sign: e^{+i⟨t, f⟩} = cos + i·sin"),
-                     ((phase.cos().mean(0), phase.sin().mean(0)),
-                      "averaged over the frequencies: average over the feature rows, one value per frequency")]
-            return next((h for wrong, h in known if same(tuple(out), wrong)), "")
-
-        what = f"f {tuple(f.shape)}, t {tuple(t.shape)}"
-        assert_close(out[0], re, what=f"real part (m,) = ({m},), {what}", rtol=1e-6, atol=1e-8, hint=hint)
-        assert_close(out[1], im, what=f"imaginary part (m,) = ({m},), {what}", rtol=1e-6, atol=1e-8, hint=hint)
 
 
 @exercise_check(student="amplitude_phase")
@@ -83,29 +61,93 @@ def check_amplitude_phase(amplitude_phase) -> None:
         assert_close(out[1], ph, what=f"phase term (m,), {what}", rtol=1e-5, atol=1e-7, hint=hint)
 
 
-@exercise_check(student="mean_embedding_mmd")
-def check_mean_embedding_mmd(mean_embedding_mmd) -> None:
-    """``mean_embedding_mmd(f_real, f_syn) -> scalar``: ‖mean f_real − mean f_syn‖²."""
-    from effdl.distill.dm import mean_embedding_mmd as ref
+_MATMULS = {"matmul", "mm", "bmm", "mv", "einsum", "linear", "inner", "tensordot", "addmm", "baddbmm",
+            "__matmul__", "__rmatmul__"}
 
-    for i, (n, k, d, _) in enumerate(_SHAPES):
-        fr, fs = _feats(n, d, i), _feats(k, d, 50 + i, shift=0.3)
-        got = mean_embedding_mmd(fr, fs)
-        require(got is not None, "your function returned None (did you forget `return`?)")
-        require(torch.as_tensor(got).numel() == 1,
-                f"return a scalar, got shape {tuple(torch.as_tensor(got).shape)} (sum the squared differences)")
-        diff = fr.mean(0) - fs.mean(0)
-        known = [(diff.norm(), "that is the distance; DM's loss is its square"),
-                 ((diff ** 2).mean(), "a mean over the features: sum the squared differences"),
-                 (((fr.sum(0) - fs.sum(0)) ** 2).sum(), "sums of the rows: compare the mean rows"),
-                 (((fr[:, None] - fs[None]) ** 2).sum(-1).mean(), "the mean distance of all pairs is not the "
-                  "distance of the means")]
-        assert_close(torch.as_tensor(got).reshape(()), ref(fr, fs),
-                     what=f"MMD² of f_real {tuple(fr.shape)} and f_syn {tuple(fs.shape)} (a scalar)", rtol=1e-6,
-                     hint=lambda: next((h for w, h in known if same(torch.as_tensor(got).reshape(()), w)), ""))
-    f = _feats(9, 4, 7)
-    assert_close(torch.as_tensor(mean_embedding_mmd(f, f)).reshape(()), torch.tensor(0.0, dtype=torch.float64),
-                 what="MMD² of a set with itself", atol=1e-10)
+
+def _paired_trial(paired_cf_loss, f_real, f_syn, t) -> dict:
+    """Driver (runs where the student's code lives): one call of ``paired_cf_loss`` on a fresh leaf
+    ``f_syn``, the torch calls it made counted (matrix products, cos, sin, complex exp), then the
+    gradient of the answer w.r.t. ``f_syn``.  Returns the answer, that gradient and the counts."""
+    import torch
+    from torch.overrides import TorchFunctionMode
+
+    counts = {"matmul": 0, "cos": 0, "sin": 0, "exp": 0}
+
+    class Count(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            name = getattr(func, "__name__", "").rstrip("_") or getattr(func, "__name__", "")
+            if name in _MATMULS or getattr(func, "__name__", "") in _MATMULS:
+                counts["matmul"] += 1
+            elif name in ("cos", "sin"):
+                counts[name] += 1
+            elif name == "exp" and any(torch.is_tensor(a) and a.is_complex() for a in args):
+                counts["exp"] += 1
+            return func(*args, **(kwargs or {}))
+
+    f_syn = f_syn.detach().clone().requires_grad_(True)
+    with Count():
+        out = paired_cf_loss(f_real, f_syn, t)
+    grad = None
+    if torch.is_tensor(out) and out.requires_grad:
+        grad = torch.autograd.grad(out.sum(), f_syn, allow_unused=True)[0]
+    return {"out": out.detach() if torch.is_tensor(out) else out, "grad": grad, "counts": counts}
+
+
+def _cf_parts(fr, fs, t, conj=False):
+    """(re_r, im_r, re_s, im_s) of the two empirical CFs; ``conj``: the synthetic one conjugated."""
+    p_r, p_s = fr @ t.T, fs @ t.T
+    sign = -1.0 if conj else 1.0
+    return p_r.cos().mean(0), p_r.sin().mean(0), p_s.cos().mean(0), sign * p_s.sin().mean(0)
+
+
+@exercise_check(student="paired_cf_loss")
+def check_paired_cf_loss(paired_cf_loss) -> None:
+    """``paired_cf_loss(f_real, f_syn, t) -> scalar``: NCFM's loss (α = β = ½) from one matmul and one
+    cos/sin pass; values and gradients w.r.t. ``f_syn`` as ``cf_discrepancy``'s."""
+    from effdl.distill.cf import cf_discrepancy
+
+    for i, (n, k, d, m) in enumerate(_SHAPES):
+        fr, fs, t = _feats(n, d, i), _feats(k, d, 50 + i, shift=0.5), _feats(m, d, 100 + i) * 0.3
+        what = f"f_real {tuple(fr.shape)}, f_syn {tuple(fs.shape)}, t {tuple(t.shape)}"
+        seen = observe(paired_cf_loss, _paired_trial, fr, fs, t)
+        out, counts = seen["out"], seen["counts"]
+        require(out is not None, "your function returned None (did you forget `return`?)")
+        require(torch.is_tensor(out) and out.numel() == 1,
+                f"{what}: return the loss as a scalar tensor, got "
+                f"{tuple(out.shape) if torch.is_tensor(out) else type(out).__name__}")
+        fs_ref = fs.clone().requires_grad_(True)
+        ref = cf_discrepancy(fr, fs_ref, t)
+        (g_ref,) = torch.autograd.grad(ref, fs_ref)
+
+        def hint():
+            rr, ir, rs, is_ = _cf_parts(fr, fs, t)
+            d2 = (rr - rs) ** 2 + (ir - is_) ** 2             # |Φ_r − Φ_s|² per frequency
+            c = _cf_parts(fr, fs, t, conj=True)
+            known = [(((c[0] - c[2]) ** 2 + (c[1] - c[3]) ** 2).div(2).sqrt().mean(),
+                      "the synthetic CF is conjugated: both are mean(cos) + i·mean(sin), the same sign"),
+                     ((d2 / 2).mean(), "no square root: the loss is the mean over frequencies of "
+                      "sqrt(½·amplitude + ½·phase), one root per frequency"),
+                     ((d2 / 2).mean().sqrt(), "the root of the mean: take one root per frequency, "
+                      "then the mean"),
+                     ((d2 / 2).sqrt().sum(), "a sum over the frequencies: take the mean"),
+                     (d2.sqrt().mean(), "amplitude + phase without the weights α = β = ½")]
+            return next((h for w, h in known if same(out.reshape(()), w, rtol=1e-6, atol=1e-9)), "")
+
+        assert_close(out.reshape(()), ref.detach(), what=f"the loss, {what}", rtol=1e-6, atol=1e-9,
+                     hint=hint)
+        require(counts["matmul"] == 1,
+                f"{what}: your function made {counts['matmul']} matrix products; compute every phase "
+                "⟨t_k, f_j⟩ of the real AND the synthetic rows with one (stack the rows first)")
+        require(counts["cos"] <= 1 and counts["sin"] <= 1 and counts["cos"] + counts["exp"] >= 1,
+                f"{what}: cos called {counts['cos']}×, sin {counts['sin']}×: call each once, on the "
+                "stacked phases (or one complex exp)")
+        grad = seen["grad"]
+        require(grad is not None and float(grad.abs().sum()) > 0,
+                f"{what}: no gradient reached f_syn — was it detached (or the loss built with "
+                ".item()/no_grad)? The images learn through this loss")
+        assert_close(grad, g_ref, what=f"gradient w.r.t. f_syn {tuple(fs.shape)}, {what}", rtol=1e-5,
+                     atol=1e-9)
 
 
 @exercise_check(student="herding_indices")
@@ -187,3 +229,59 @@ def check_minmax_step(minmax_step) -> None:
         assert_close(float(out[1]), ref_after, what="'after' discrepancy (same noise as before)", rtol=1e-4, atol=1e-6,
                      hint="evaluate 'after' with the same noise as 'before': draw it once")
         require(float(out[1]) > float(out[0]), f"the step did not increase the discrepancy: {tuple(out)}")
+
+
+# configs of the unroll check: (width, classes, images per class, image side); the first has
+# more weights than saved activations, the second the reverse
+_UNROLL_CONFIGS = [(64, 2, 1, 8), (40, 3, 2, 12)]
+
+
+@functools.cache
+def _unroll_measured(config: tuple) -> dict:
+    """Measured: peak bytes of one outer iteration at K = 2 and K = 6, their slope per inner
+    step, the parameter shapes and the saved elements of one inner step (CPU, float32)."""
+    from effdl.distill.unroll import UnrollStepper, saved_elems_per_step
+    from effdl.measure import peak_memory
+
+    width, classes, ipc, side = config
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(classes * 4, 1, side, side, generator=g)
+    y = torch.arange(classes).repeat_interleave(4)
+    peaks = {}
+    for k in (2, 6):
+        st = UnrollStepper(x, y, ipc, k, width=width, real_per_class=4)
+        st.step()
+        peaks[k] = peak_memory(st.step, "cpu")
+    return {"slope": (peaks[6] - peaks[2]) / 4, "shapes": st.param_shapes,
+            "saved": saved_elems_per_step(st)}
+
+
+@exercise_check(student="unroll_bytes_per_step")
+def check_unroll_bytes_per_step(unroll_bytes_per_step) -> None:
+    """``unroll_bytes_per_step(param_shapes, saved_elems, element_size) -> bytes``: within 10% of the
+    measured growth of unroll-K's peak memory per inner step."""
+    import math
+
+    for config in _UNROLL_CONFIGS:
+        meas = _unroll_measured(config)
+        shapes, saved = meas["shapes"], meas["saved"]
+        got = unroll_bytes_per_step([list(s) for s in shapes], saved, 4)
+        require(isinstance(got, (int, float)) or (torch.is_tensor(got) and got.numel() == 1),
+                f"return a number of bytes, got {type(got).__name__}")
+        got = float(got)
+        n_params = sum(math.prod(s) for s in shapes)
+        known = [(4 * saved, "the weights θ_j of every step are missing: each step makes a new copy"),
+                 (4 * n_params, "the saved activations are missing: each step's forward and its "
+                  "create_graph backward save tensors for the outer backward"),
+                 (n_params + saved, "elements, not bytes: multiply by element_size"),
+                 (4 * (2 * n_params + saved), "the gradient ∇ℓ(θ_j) counted too: nothing keeps it once "
+                  "θ_{j+1} is formed"),
+                 (4 * (sum(sum(s) for s in shapes) + saved), "a tensor of shape (a, b, c) has a·b·c "
+                  "elements, not a + b + c")]
+        hint = next((h for w, h in known if math.isclose(got, w, rel_tol=1e-9)), "")
+        width, classes, ipc, side = config
+        err = abs(got - meas["slope"]) / meas["slope"]
+        require(err <= 0.10,
+                f"ConvNet-3 width {width}, {classes * ipc} synthetic {side}×{side} images: you predict "
+                f"{got:.0f} bytes per inner step, the measured peak grows by {meas['slope']:.0f} per "
+                f"step ({100 * err:.0f}% off, tolerance 10%)" + (f"; {hint}" if hint else ""))

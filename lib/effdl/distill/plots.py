@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from effdl.distill.experiments import PUBLISHED, summarize
 
-__all__ = ["plot_bench", "plot_recorded", "plot_toy_points", "plot_toy_frequencies"]
+__all__ = ["plot_bench", "plot_recorded", "plot_toy_points", "plot_toy_frequencies",
+           "plot_unroll_memory"]
 
 
 def plot_bench(rows: list[dict], published: bool = True):
@@ -135,5 +136,28 @@ def plot_toy_frequencies(run: dict, grid: int = 91, directions: int = 32):
             title="where the sets still differ")
     ax2.grid(alpha=0.3)
     ax2.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def plot_unroll_memory(rows: list[dict]):
+    """Peak memory of one iteration against the number of unrolled inner steps K: one line per
+    method (rows of :func:`effdl.distill.unroll.memory_sweep`); DM, CF and NCFM do not unroll, so
+    their lines are flat."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.6, 3.6))
+    styles = {"unroll": "o-", "dm": "s--", "cfd": "^--", "ncfm": "d--"}
+    for m in dict.fromkeys(r["method"] for r in rows):
+        sub = sorted((r for r in rows if r["method"] == m), key=lambda r: r["unroll"])
+        label = "unroll-K (trajectory matching)" if m == "unroll" else f"{m} (one matching step)"
+        ax.plot([r["unroll"] for r in sub], [r["peak_mem_bytes"] / 2**20 for r in sub],
+                styles.get(m, "o-"), label=label)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("unrolled inner steps K")
+    ax.set_ylabel("peak memory per iteration (MiB)")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
     fig.tight_layout()
     return fig
