@@ -60,8 +60,9 @@ def work(S: Sizes):
     Generation of a small model is launch-bound: every decode step is some 60 small
     operations (4-6 layers), whatever the device.  Counted: the naive loop (a full
     forward per token), the cached loop, the speculative and PPD generations, the
-    training of PPD's prompt tokens and of the KV predictor, and the calibration of the
-    serving simulator (whose own events are host steps).
+    training of PPD's prompt tokens and of the KV predictor, the calibration of the
+    serving simulator (whose own events are host steps), and the training of the two
+    shared models on first use.
     """
     from effdl.estimate import Work
     from effdl.lm.profiles import SIZES as LM
@@ -85,4 +86,11 @@ def work(S: Sizes):
                                        + 2 * S.gen * forward(S.ppd_m * 4))
     w += 3 * (S.ppd_steps + S.kvp_steps) * forward(512, 4)
     w += Work(host_steps=40 * S.requests * 256 * len(S.serve_batches))
+    # training the two shared models on first use (6 FLOPs per parameter per token),
+    # which a fresh runtime pays once: counted, since a Colab session starts fresh
+    for cfg, tc in ((LM[S.models].target, LM[S.models].target_train),
+                    (LM[S.models].draft, LM[S.models].draft_train)):
+        n = 12 * cfg.n_layer * cfg.d_model ** 2
+        w += Work(flops32=6 * n * tc.steps * tc.batch * tc.seq_len,
+                  ops=3 * (15 * cfg.n_layer + 6) * tc.steps)
     return w
