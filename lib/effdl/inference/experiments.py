@@ -356,7 +356,7 @@ def ppd_rows(model: ByteLM, prompt_tokens, prompts, n: int, ks,
                        / statistics.median(res[k].times_ms) * 1e3,
                        acceptance=st.acceptance_rate, accept_rate=st.acceptance_rate,
                        alpha=st.alpha, k=k, tokens_per_call=st.tokens_per_forward,
-                       extra_bytes=st.extra_param_bytes,
+                       extra_bytes=prompt_tokens.nbytes(),
                        **_speedups(res, "alone", k), **_spread(res[k].times_ms)))
     return out
 
