@@ -145,6 +145,7 @@ def plot_unroll_memory(rows: list[dict]):
     method (rows of :func:`effdl.distill.unroll.memory_sweep`); DM, CF and NCFM do not unroll, so
     their lines are flat."""
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
 
     fig, ax = plt.subplots(figsize=(5.6, 3.6))
     styles = {"unroll": "o-", "dm": "s--", "cfd": "^--", "ncfm": "d--"}
@@ -155,6 +156,12 @@ def plot_unroll_memory(rows: list[dict]):
                 styles.get(m, "o-"), label=label)
     ax.set_xscale("log")
     ax.set_yscale("log")
+    ks = sorted({r["unroll"] for r in rows})
+    ax.set_xticks(ks, [str(k) for k in ks])
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.yaxis.set_major_locator(LogLocator(subs=(1, 2, 5)))
+    ax.yaxis.set_major_formatter(ScalarFormatter())
+    ax.yaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel("unrolled inner steps K")
     ax.set_ylabel("peak memory per iteration (MiB)")
     ax.grid(alpha=0.3, which="both")

@@ -4,15 +4,17 @@ A decoder's KV cache is ``(layers, heads, tokens, head_dim)`` keys and values pe
 storing it in fp16 costs 2 bytes per element.  :func:`compress` turns it into a byte string:
 
 1. **per-token quantization**: each token's vector (all heads of one layer) gets a step
-   ``absmax / (2**(bits-1) - 1)``, with ``bits`` chosen per layer (more in early layers, which
-   errors hurt most); the reconstruction error of every element is at most half a step;
+   ``absmax / (2**(bits-1) - 1)``, with ``bits`` chosen per layer (CacheGen gives early layers
+   more, on its premise that errors there hurt most); the reconstruction error of every
+   element is at most half a step;
 2. **delta against anchors**: tokens form groups of ``group``; the first is an anchor, the others
-   are coded as the difference to the *reconstructed* anchor on their own step (neighbouring
-   tokens' KV are similar, so the integers are small);
+   are coded as the difference to the *reconstructed* anchor on their own step (CacheGen's
+   premise is that neighbouring tokens' KV are similar, so the integers are small);
 3. **entropy coding**: the integers are range-coded (``constriction``) under a quantized Laplace
    model whose scale is fitted per (layer, K/V, anchor/delta, channel) and stored in the header.
 
-The chapter compresses the cache of the course's trained byte-level model
+Both premises are CacheGen's, observed on large trained models; the chapter tests them on
+the cache of the course's trained byte-level model
 (:mod:`effdl.lm`, see :mod:`effdl.tokens.experiments`); :class:`CausalLM` is an untrained
 stand-in of the same shape for fast tests.
 

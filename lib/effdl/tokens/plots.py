@@ -193,7 +193,6 @@ def plot_kv_loss(rows, ax=None):
             ax.annotate(str(r["bits"]), (r["ratio_vs_fp16"], 100 * r["loss_rel_increase"]),
                         fontsize=7, xytext=(3, 3), textcoords="offset points")
     ax.axhline(1.0, color="gray", ls=":")
-    ax.axvline(3.5, color="gray", ls=":")
     ax.axhline(0.0, color="black", lw=0.5)
     ax.set(xlabel="compression ratio vs fp16 (×)", ylabel="next-byte loss increase (%)",
            title="KV cache: size vs loss (better: lower right)")
