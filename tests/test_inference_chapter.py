@@ -175,3 +175,16 @@ def test_prompt_of_is_real_text_and_deterministic():
     assert torch.equal(a, b) and a.shape == (1, 40) and a.dtype == torch.int64
     assert not torch.equal(a, ex.prompt_of(40, seed=4))
     assert lm.decode(a[0]).isprintable() or "\n" in lm.decode(a[0])
+
+
+def test_a_method_that_changes_the_output_is_refused():
+    m = _model(0)
+    prompts = ex.prompts_of(5, 2)
+
+    def wrong(p, k):                      # greedy output with its last token changed
+        ids = lm.generate(m, p, 6)
+        ids[0, -1] = (ids[0, -1] + 1) % 256
+        return ids, None
+
+    with pytest.raises(AssertionError, match="changed the output"):
+        ex._verified_timings(m, prompts, 6, (1,), 1, wrong, "a guesser")

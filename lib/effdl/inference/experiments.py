@@ -274,6 +274,29 @@ def _speedups(res, base: str, name) -> dict:
     return {"speedup": med, "speedup_q1": q1, "speedup_q3": q3}
 
 
+def _verified_timings(model: ByteLM, prompts, n: int, ks, repeat: int, run, name: str):
+    """Time ``run(prompt, k) -> (ids, stats)`` for each k against the model's own
+    cached greedy generation, all ``prompts`` in turn per call, interleaved.
+
+    Each output is first compared with the model's greedy output (a mismatch raises):
+    both speculative decoding and PPD promise exactly that output.  Returns the
+    interleaved results (keys ``"alone"`` and each k) and each k's stats pooled over
+    the prompts."""
+    refs = [generate(model, p, n, cached=True) for p in prompts]
+    fns = {"alone": lambda: [generate(model, p, n, cached=True) for p in prompts]}
+    stats = {}
+    for k in ks:
+        got = []
+        for p, ref in zip(prompts, refs):
+            ids, st = run(p, k)
+            if not torch.equal(ids, ref):
+                raise AssertionError(f"{name} with k={k} changed the output")
+            got.append(st)
+        stats[k] = _pool(got)
+        fns[k] = lambda k=k: [run(p, k) for p in prompts]
+    return interleaved(fns, rounds=repeat, warmup=1, device=_device(model)), stats
+
+
 def _alone_row(res, prompts, n) -> dict:
     t = res["alone"].times_ms
     return row("large model alone", batch=1, prompt_len=prompts[0].shape[1], gen_len=n,
@@ -292,21 +315,9 @@ def speculative_rows(target: ByteLM, draft: ByteLM, prompts, n: int, ks,
     expectation (1 - alpha^(k+1)) / (1 - alpha), the measured speed-up (median of
     per-round ratios, with quartiles) and, given the draft's relative cost ``c``, the
     speed-up :func:`predicted_speedup` expects."""
-    refs = [generate(target, p, n, cached=True) for p in prompts]
-    fns = {"alone": lambda: [generate(target, p, n, cached=True) for p in prompts]}
-    stats = {}
-    for k in ks:
-        got = []
-        for p, ref in zip(prompts, refs):
-            ids, st = speculative_greedy(target, draft, p, n, k)
-            if not torch.equal(ids, ref):
-                raise AssertionError(f"speculative decoding with k={k} changed the "
-                                     "output")
-            got.append(st)
-        stats[k] = _pool(got)
-        fns[k] = lambda k=k: [speculative_greedy(target, draft, p, n, k)
-                              for p in prompts]
-    res = interleaved(fns, rounds=repeat, warmup=1, device=_device(target))
+    res, stats = _verified_timings(
+        target, prompts, n, ks, repeat,
+        lambda p, k: speculative_greedy(target, draft, p, n, k), "speculative decoding")
     out = [_alone_row(res, prompts, n)]
     for k, st in stats.items():
         a = st.alpha
@@ -335,20 +346,9 @@ def ppd_rows(model: ByteLM, prompt_tokens, prompts, n: int, ks,
     speed-up (median of the per-round ratios, with quartiles), extra parameter bytes."""
     from effdl.inference.ppd import ppd_greedy
 
-    refs = [generate(model, p, n, cached=True) for p in prompts]
-    fns = {"alone": lambda: [generate(model, p, n, cached=True) for p in prompts]}
-    stats = {}
-    for k in ks:
-        got = []
-        for p, ref in zip(prompts, refs):
-            ids, st = ppd_greedy(model, prompt_tokens, p, n, k)
-            if not torch.equal(ids, ref):
-                raise AssertionError(f"PPD with k={k} changed the output")
-            got.append(st)
-        stats[k] = _pool(got)
-        fns[k] = lambda k=k: [ppd_greedy(model, prompt_tokens, p, n, k)
-                              for p in prompts]
-    res = interleaved(fns, rounds=repeat, warmup=1, device=_device(model))
+    res, stats = _verified_timings(
+        model, prompts, n, ks, repeat,
+        lambda p, k: ppd_greedy(model, prompt_tokens, p, n, k), "PPD")
     out = [_alone_row(res, prompts, n) | {"method": "model alone"}]
     for k, st in stats.items():
         out.append(row("ppd", batch=1, prompt_len=prompts[0].shape[1], gen_len=n,
