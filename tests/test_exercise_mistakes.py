@@ -793,8 +793,92 @@ INFERENCE = [
     ("check_accept_or_resample", lambda *a: _spec(*a, clamp=False), "differ"),
 ]
 
+# ============================================================================== memory
+def _step(P, T, A, *, moments=8, grads_all=False, acts=True, frozen=True, size=4):
+    weights = size * (P if frozen else T)
+    grads = size * (P if grads_all else T)
+    return weights + grads + moments * size // 4 * T + (A if acts else 0)
+
+
+def _nf4(w, *, levels="nf4", scale="absmax", rounding="nearest"):
+    from effdl.memory.quant import NF4_LEVELS
+
+    grid = {"nf4": NF4_LEVELS, "uniform": torch.linspace(-1, 1, 16)}.get(levels)
+    s = {"absmax": w.abs().max(), "mean": w.abs().mean(), "max": w.max(), "none": torch.tensor(1.0),
+         "std": w.std() if w.numel() > 1 else w.abs().mean()}[scale]
+    if s == 0:
+        return torch.zeros_like(w)
+    x = w / s
+    if levels == "int4":  # absmax int4: 15 evenly spaced levels
+        return torch.round(x * 7).clamp(-7, 7) / 7 * s
+    if rounding == "nearest":
+        q = grid[(x[:, None] - grid).abs().argmin(1)]
+    else:
+        down = grid[(torch.bucketize(x, grid, right=True) - 1).clamp(0, 15)]
+        up = grid[torch.bucketize(x, grid).clamp(0, 15)]
+        q = down if rounding == "floor" else torch.where(x >= 0, down, up)
+    return q * s
+
+
+def _lora(x, W, A, B, alpha, *, scale="alpha/r", base=True, w_t=True, a_t=True):
+    r, inp = A.shape
+    c = {"alpha/r": alpha / r, "alpha": alpha, "none": 1.0, "alpha/in": alpha / inp}[scale]
+    update = ((x @ A.T) if a_t else (x @ A)) @ B.T
+    out = c * update
+    return out + ((x @ W.T) if w_t else (x @ W)) if base else out
+
+
+def _mix(z, s, gate, *, sigmoid=True, swap=False, one_minus=True, detach=False):
+    b = torch.sigmoid(gate) if sigmoid else gate
+    b = b.item() if detach else b  # a Python number: the right values, no gradient
+    if swap:
+        z, s = s, z
+    return ((1 - b) if one_minus else 1) * z + b * s
+
+
+def _prefetch(L, k, *, ahead=None, reissue=False, clamp=True):
+    ahead = k - 1 if ahead is None else ahead(k)
+    loaded, out = 0, []
+    for i in range(L):
+        end = min(L, i + ahead + 1) if clamp else i + ahead + 1
+        out.append(list(range(i if reissue else loaded, end)))
+        loaded = max(loaded, end)
+    return out
+
+
+MEMORY = [
+    ("check_step_bytes", lambda P, T, A: _step(P, T, A, moments=4), "two moments"),
+    ("check_step_bytes", lambda P, T, A: _step(P, T, A, grads_all=True), "no gradient"),
+    ("check_step_bytes", lambda P, T, A: _step(P, T, A, acts=False), "activations"),
+    ("check_step_bytes", lambda P, T, A: _step(P, T, A, frozen=False), "every weight is stored"),
+    ("check_step_bytes", lambda P, T, A: _step(P, T, A, size=1), "4 bytes"),
+    ("check_step_bytes", lambda P, T, A: 4 * P + 16 * T + A, "not 16"),  # trained weights twice
+    ("check_nf4_round_trip", lambda w: _nf4(w, levels="uniform"), "uniform grid"),
+    ("check_nf4_round_trip", lambda w: _nf4(w, levels="int4"), "evenly spaced"),
+    ("check_nf4_round_trip", lambda w: _nf4(w, scale="none"), "divide the block by its absmax"),
+    ("check_nf4_round_trip", lambda w: _nf4(w, scale="mean"), "not the mean"),
+    ("check_nf4_round_trip", lambda w: _nf4(w, scale="std"), "standard deviation"),
+    ("check_nf4_round_trip", lambda w: _nf4(w, rounding="floor"), "not down"),
+    ("check_nf4_round_trip", lambda w: _nf4(w, rounding="zero"), "towards zero"),
+    ("check_nf4_round_trip", lambda w: _nf4(w, scale="max"), "not max"),
+    ("check_lora_forward", lambda *a: _lora(*a, scale="alpha"), "not alpha"),
+    ("check_lora_forward", lambda *a: _lora(*a, scale="none"), "scale the update by alpha / r"),
+    ("check_lora_forward", lambda *a: _lora(*a, scale="alpha/in"), "not the input width"),
+    ("check_lora_forward", lambda *a: _lora(*a, base=False), "frozen layer's output"),
+    ("check_lora_forward", lambda *a: _lora(*a, w_t=False), "check the transposes"),
+    ("check_lora_forward", lambda *a: _lora(*a, a_t=False), "check the transposes"),
+    ("check_ladder_mix", lambda z, s, g: _mix(z, s, g, sigmoid=False), "logit"),
+    ("check_ladder_mix", lambda z, s, g: _mix(z, s, g, swap=True), "swapped"),
+    ("check_ladder_mix", lambda z, s, g: _mix(z, s, g, one_minus=False), "weigh z by 1 - β"),
+    ("check_ladder_mix", lambda z, s, g: _mix(z, s, g, detach=True), "no gradient reaches the gate"),
+    ("check_prefetch_schedule", lambda L, k: _prefetch(L, k, ahead=lambda k: k), "not k"),
+    ("check_prefetch_schedule", lambda L, k: _prefetch(L, k, reissue=True), "not loaded again"),
+    ("check_prefetch_schedule", lambda L, k: _prefetch(L, k, clamp=False), "no layer"),
+    ("check_prefetch_schedule", lambda L, k: _prefetch(L, k, ahead=lambda k: max(1, k - 1)), "k = 1"),
+]
+
 MISTAKES = {"attention": ATTENTION, "distill": DISTILL, "tokens": TOKENS, "measuring": MEASURING,
-            "inference": INFERENCE}
+            "inference": INFERENCE, "memory": MEMORY}
 CASES = [pytest.param(ch, *m, id=f"{ch}-{m[0]}-{i}") for ch, ms in MISTAKES.items() for i, m in enumerate(ms)]
 
 
@@ -903,6 +987,17 @@ def test_the_correct_variants_pass():
     dc.check_unroll_bytes_per_step(lambda *args: _unroll_bytes(*args))
     mc.check_async_timer(lambda fn, dev: _timer(fn, dev))
     mc.check_async_timer(lambda fn, dev: _event_timer(fn, dev))
+
+
+def test_the_memory_helpers_without_mistakes_pass():
+    """The memory chapter's helpers above with no mistake switched on are correct."""
+    from effdl.memory import checks as m
+
+    m.check_step_bytes(lambda P, T, A: _step(P, T, A))
+    m.check_nf4_round_trip(lambda w: _nf4(w))
+    m.check_lora_forward(lambda *a: _lora(*a))
+    m.check_ladder_mix(lambda z, s, g: _mix(z, s, g))
+    m.check_prefetch_schedule(lambda L, k: _prefetch(L, k))
 
 
 def test_a_vectorized_one_pass_softmax_passes():

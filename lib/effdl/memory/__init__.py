@@ -1,4 +1,4 @@
-"""effdl.memory — fitting a model in memory (a library; its chapter is to come).
+"""effdl.memory — the chapter "Fitting in memory" (book/memory.md) and its library.
 
 - :mod:`effdl.memory.quant`      — absmax int8 (per tensor, per channel), group-wise
   int4, QLoRA's NF4 with double quantization; :class:`QuantLinear`,
@@ -9,9 +9,12 @@
 - :mod:`effdl.memory.offload`    — :class:`OffloadExecutor`: k layers resident,
   synchronous or prefetching copies, a modelled link
 - :mod:`effdl.memory.accounting` — the bytes of a training step, by formula
+- :mod:`effdl.memory.training`   — checkpointed and bf16 training steps; the tuned
+  model of each method (full, LoRA, QLoRA, QST); a step's measured peak
+- :mod:`effdl.memory.task`       — the fine-tuning data: the C++ headers in torch's wheel
 
-Why no ``sizes.py`` here (yet): a package with a ``sizes`` module is a chapter by the
-chapter contract (:mod:`effdl.chapters`); this is the library half of one.
+The chapter's parts (:mod:`effdl.chapters`): ``sizes``, ``bench``, ``checks``, ``plots``,
+``experiments``.
 """
 
 # the main names; the rest stays in the submodules (effdl.memory.quant.pack_4bit, ...)
