@@ -32,7 +32,7 @@ def run(S, device: torch.device) -> list[dict]:
     from effdl.memory.task import load_headers
 
     with cpu_thread_policy(device, S.threads):
-        base = lm.load("target", S.models, device=device, verbose=False)
+        base = lm.load("target", S.models, device=device, verbose=False)  # large model
         data = load_headers(S.header_bytes)
         rows = _tag(E.memory_sweep(base, data.train, S.batches, S.seqs, device), "sweep")
         steps = E.step_rows(base, data.train, S.batch, S.seq, device, S.repeat,
@@ -44,7 +44,9 @@ def run(S, device: torch.device) -> list[dict]:
         d = base.config.d_model
         rows += _tag(E.matmul_rows(d, 4 * d, S.matmul_tokens, device, S.repeat),
                      "matmul")
-        rows += _tag(E.finetune_rows(base, data, E.tuning_plans(S.steps, steps),
+        times = E.tuning_step_times(base, data.train, S.tune_batch, S.seq, device,
+                                    S.repeat, S.lora_r, S.qst_reductions)
+        rows += _tag(E.finetune_rows(base, data, E.tuning_plans(S.steps, times),
                                      E.lrs_of(S), S.tune_batch, S.seq, S.seeds, device,
                                      S.eval_windows, S.lora_r),
                      "fine-tune")

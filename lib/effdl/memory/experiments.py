@@ -18,10 +18,12 @@ from effdl.memory import training as T
 from effdl.memory.offload import OffloadExecutor, module_bytes
 from effdl.memory.quant import quantize, quantize_model, rms_error
 
-__all__ = ["ROW_FIELDS", "row", "memory_sweep", "step_configs", "step_rows",
-           "quant_error_rows", "quant_loss_rows", "matmul_rows", "finetune",
-           "finetune_rows", "tuning_plans", "qst_label", "in_mib", "STEP_LABELS", "TUNING_METHODS", "lrs_of", "offload_stack", "modelled_bandwidth", "offload_rows",
-           "T4_FP32_FLOPS", "T4_LINK_BYTES", "stack_flops_per_s"]
+__all__ = ["ROW_FIELDS", "SHORT", "row", "load_model", "in_mib", "memory_sweep",
+           "step_configs", "step_rows", "quant_error_rows", "quant_loss_rows",
+           "matmul_rows", "finetune", "finetune_rows", "tuning_step_times",
+           "tuning_plans", "qst_label", "STEP_LABELS", "TUNING_METHODS", "lrs_of",
+           "offload_stack", "modelled_bandwidth", "offload_rows", "stack_flops_per_s",
+           "T4_FP32_FLOPS", "T4_LINK_BYTES"]
 
 ROW_FIELDS = ("method", "bits", "batch", "seq", "peak_mem_bytes", "ms_per_step",
               "loss", "accuracy")
@@ -30,6 +32,14 @@ ROW_FIELDS = ("method", "bits", "batch", "seq", "peak_mem_bytes", "ms_per_step",
 #: direction (theoretical).  Their ratio sets the modelled link of the offloading cells
 T4_FP32_FLOPS = 8.1e12
 T4_LINK_BYTES = 15.75e9
+
+
+def load_model(device=None):
+    """The course's language model at the current profile (the inference chapter's
+    large model), trained on first use and then read from the disk cache."""
+    from effdl import lm
+
+    return lm.load("target", device=device)
 
 
 def row(method: str, **fields) -> dict:
@@ -74,11 +84,14 @@ def qst_label(reduction: int) -> str:
 def step_configs(device, qst_reductions=(4,)) -> list[tuple]:
     """(label, method, precision, checkpoint, side reduction) of the step comparison.
 
-    bf16 autocast runs on any CPU (emulated where the CPU has no bf16 units: slow,
-    but its memory is what it would be) and on GPUs from sm_80; a T4 has none."""
+    bf16 autocast runs on any CPU (converted to fp32 around the products where the
+    CPU has no bf16 instructions: slow, but its memory is what it would be) and on
+    GPUs from sm_80; a GPU without bf16 (a T4) gets fp16 with loss scaling instead."""
     out = [("full fp32", "full", "fp32", False, None)]
-    if device.type == "cpu" or torch.cuda.is_bf16_supported():
+    if T.has_bf16(device):
         out.append(("full bf16 autocast", "full", "mixed", False, None))
+    elif device.type == "cuda":
+        out.append(("full fp16 + loss scaling", "full", "fp16", False, None))
     out += [("full + checkpointing", "full", "fp32", True, None),
             ("LoRA", "lora", "fp32", False, None),
             ("QLoRA (NF4)", "qlora", "fp32", False, None)]
@@ -100,9 +113,10 @@ def step_rows(base, data, batch, seq, device, repeat: int, lora_r: int = 8,
         # parameters, which the formula adds itself
         f = A.training_step_memory(
             base.config, batch, seq, "lora" if method == "qlora" else method,
-            precision, ckpt, lora_r=lora_r, qst_reduction=red or 4,
+            "fp32" if precision == "fp32" else "mixed",    # fp16: the same bytes as bf16
+            ckpt, lora_r=lora_r, qst_reduction=red or 4,
             weight_bytes=m["resident"] - 4 * n_train if "q" in method else None)
-        bits = 4 if method in ("qlora", "qst") else (16 if precision == "mixed" else 32)
+        bits = 4 if method in ("qlora", "qst") else (32 if precision == "fp32" else 16)
         rows.append(row(label, bits=bits, batch=batch, seq=seq, tuning=method,
                         qst_reduction=red, peak_mem_bytes=m["total"],
                         resident_bytes=m["resident"], activations=f.activations,
@@ -119,17 +133,22 @@ def step_rows(base, data, batch, seq, device, repeat: int, lora_r: int = 8,
     return rows
 
 
-def in_mib(rows, keys=("activations", "formula_bytes", "peak_mem_bytes",
-                       "resident_bytes")) -> list[dict]:
-    """Copies of ``rows`` with each of ``keys`` in MiB (``<key>_mib``, 1 decimal),
-    for tables a reader can read."""
+#: short column names of the chapter's tables (bytes shown in MiB)
+SHORT = {"activations": "act_MiB", "formula_bytes": "count_MiB",
+         "peak_mem_bytes": "peak_MiB", "resident_bytes": "resident_MiB",
+         "ms_per_step": "ms", "time_ratio": "time", "time_ratio_q1": "q1",
+         "time_ratio_q3": "q3", "memory_ratio": "memory"}
+
+
+def in_mib(rows) -> list[dict]:
+    """Copies of ``rows`` with the short column names of :data:`SHORT` added (bytes
+    in MiB, one decimal), for tables that fit the page."""
     out = []
     for r in rows:
         r = dict(r)
-        for k in keys:
-            if r.get(k) is not None:
-                name = k.replace("_bytes", "") + "_mib"
-                r[name] = round(r[k] / 2 ** 20, 1)
+        for key, name in SHORT.items():
+            if r.get(key) is not None:
+                r[name] = round(r[key] / 2 ** 20, 1) if name.endswith("MiB") else r[key]
         out.append(r)
     return out
 
@@ -179,14 +198,17 @@ def quant_loss_rows(base, held_out, seq: int, windows: int) -> list[dict]:
     each scheme, and its resident bytes."""
     from effdl.lm.train import bits_per_byte
 
-    out = [row("fp32", bits=32, loss=_bpb(base, held_out, seq, windows),
+    loss = _bpb(base, held_out, seq, windows)
+    out = [row("fp32", bits=32, code_bits=32, loss=loss, bits_per_byte=loss,
                resident_bytes=T.resident_bytes(base))]
     g = _group(base)
     for scheme in SCHEME_LABELS:
         kw = {"double_quant": True} if scheme == "nf4" else {}
         q = quantize_model(base, scheme, group_size=g, block=g, **kw)
-        out.append(row(_label(scheme, g), bits=4 if "4" in scheme else 8, scheme=scheme,
-                       loss=_bpb(q, held_out, seq, windows),
+        loss = _bpb(q, held_out, seq, windows)
+        code = 4 if "4" in scheme else 8
+        out.append(row(_label(scheme, g), bits=code, code_bits=code, scheme=scheme,
+                       loss=loss, bits_per_byte=loss,
                        resident_bytes=T.resident_bytes(q)))
     del bits_per_byte
     return out
@@ -275,10 +297,29 @@ def finetune_rows(base, data, plans, lrs: dict, batch: int, seq: int, seeds, dev
     return out
 
 
+def tuning_step_times(base, data, batch: int, seq: int, device, repeat: int,
+                      lora_r: int = 8, qst_reductions=(4,)) -> list[dict]:
+    """Time of one step of LoRA and of each QST variant at the fine-tuning batch,
+    interleaved (the rows :func:`tuning_plans` reads)."""
+    idx, tg = (t.to(device) for t in _windows(data, batch, seq, 0))
+    rows = [row("LoRA", tuning="lora", qst_reduction=None)]
+    rows += [row(qst_label(r), tuning="qst", qst_reduction=r) for r in qst_reductions]
+    steps = {}
+    for r in rows:
+        model = T.tuned_model(base, r["tuning"], lora_r=lora_r,
+                              qst_reduction=r["qst_reduction"] or 4)
+        step = T.make_step(model)
+        steps[r["method"]] = lambda step=step: step(idx, tg)
+    times = interleaved(steps, rounds=repeat, warmup=1, device=device)
+    for r in rows:
+        r["ms_per_step"] = statistics.median(times[r["method"]].times_ms)
+    return rows
+
+
 def tuning_plans(steps: int, step_rows_: list[dict]) -> list[tuple]:
     """Full fine-tuning, LoRA and QLoRA for ``steps`` steps each; every QST variant of
-    the step comparison for as many steps as take it the time of LoRA's (from the
-    measured step times of :func:`step_rows`)."""
+    ``step_rows_`` for as many steps as take it the time of LoRA's (from measured step
+    times at the fine-tuning batch: :func:`tuning_step_times`)."""
     by = {r["method"]: r for r in step_rows_}
     plans = [(STEP_LABELS[m], m, steps, None) for m in ("full", "lora", "qlora")]
     for r in step_rows_:

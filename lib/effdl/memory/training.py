@@ -6,7 +6,9 @@
   forward; backward runs the block's forward again to get the rest.
 - ``precision="mixed"``: the forward under ``torch.autocast`` in bfloat16 (fp32
   master weights, gradients and optimizer states; Micikevicius et al. 2018 with bf16,
-  which needs no loss scaling); refused where the device has no bf16.
+  which needs no loss scaling); refused where the GPU has no native bf16.
+  ``precision="fp16"``: fp16 autocast with a loss scaler, on CUDA (a T4's mixed
+  precision).
 - :func:`tuned_model`: the model a method trains: ``"full"`` (every weight),
   ``"lora"``, ``"qlora"`` (LoRA on an NF4 base) and ``"qst"`` (a side network on an
   NF4 base).
@@ -27,7 +29,7 @@ from effdl.memory.lora import add_lora
 from effdl.memory.qst import QSTModel
 from effdl.memory.quant import quantize_model
 
-__all__ = ["TUNING", "forward", "loss", "tuned_model", "make_step", "step_peak",
+__all__ = ["TUNING", "PRECISIONS", "has_bf16", "forward", "loss", "tuned_model", "make_step", "step_peak",
            "resident_bytes", "trainable"]
 
 #: the fine-tuning methods of the chapter, in the order it meets them
@@ -48,14 +50,35 @@ def forward(model, idx, checkpoint: bool = False):
     return model.head(model.norm(x))
 
 
+#: the precisions of a training step: fp32; bf16 autocast ("mixed"); fp16 autocast
+#: with a loss scaler ("fp16", CUDA only: the mixed precision of GPUs without bf16)
+PRECISIONS = ("fp32", "mixed", "fp16")
+
+
+def has_bf16(device: torch.device) -> bool:
+    """Does ``device`` compute in bfloat16 natively?  Every CPU runs bf16 autocast
+    (converting where it has no bf16 instructions); a GPU needs sm_80 or later.
+    Why ``including_emulation=False``: by default PyTorch also answers yes for a GPU
+    that only emulates bf16 (a T4), slowly."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    return True
+
+
 def _autocast(device: torch.device, precision: str):
-    if precision not in ("fp32", "mixed"):
-        raise ValueError(f"precision must be 'fp32' or 'mixed', got {precision!r}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(map(repr, PRECISIONS))}, "
+                         f"got {precision!r}")
     if precision == "fp32":
         return torch.autocast(device.type, enabled=False)
-    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise ValueError("this GPU has no bfloat16 (a T4 is sm_75); use "
-                         "precision='fp32' here, or fp16 with a loss scaler")
+    if precision == "fp16":
+        if device.type != "cuda":
+            raise ValueError("precision='fp16' (with a loss scaler) is for CUDA GPUs; "
+                             "on a CPU use 'mixed' (bf16) or 'fp32'")
+        return torch.autocast("cuda", dtype=torch.float16)
+    if not has_bf16(device):
+        raise ValueError("this GPU has no native bfloat16 (a T4 is sm_75); use "
+                         "precision='fp16' (fp16 with a loss scaler) or 'fp32'")
     return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
@@ -99,11 +122,19 @@ def make_step(model, lr: float = 1e-3, precision: str = "fp32",
     if not params:
         raise ValueError("the model has no trainable parameter")
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    # why a scaler with fp16: its 5 exponent bits flush small gradients to zero; the
+    # loss is multiplied before backward and the gradients divided before the update
+    scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
 
     def step(idx, targets):
         value = loss(model, idx, targets, precision, checkpoint)
-        value.backward()
-        opt.step()
+        if scaler is None:
+            value.backward()
+            opt.step()
+        else:
+            scaler.scale(value).backward()
+            scaler.step(opt)
+            scaler.update()
         opt.zero_grad(set_to_none=True)
         return float(value.detach())
 
@@ -122,15 +153,21 @@ def resident_bytes(model) -> int:
 
 def step_peak(model, idx, targets, device, precision: str = "fp32",
               checkpoint: bool = False) -> dict:
-    """Peak memory of the first training step of ``model`` (bytes).
+    """Peak memory of a training step of ``model`` in steady state (bytes).
 
-    ``resident``: the model at rest; ``step``: the most the step allocated above it
-    (gradients, AdamW's two moments, created on the first step, activations and
-    temporaries); ``total``: their sum.
+    One step runs first, so AdamW's moments exist (on the first step they are created
+    inside ``optimizer.step()``, after backward has freed the activations, and would
+    never be seen alongside them).  ``resident``: the model at rest; ``optimizer``:
+    the moments; ``step``: the most the second step allocated above those
+    (gradients, activations, temporaries); ``total``: their sum.
     """
     from effdl.measure import peak_memory
 
     step = make_step(model, precision=precision, checkpoint=checkpoint)
+    step(idx, targets)                          # creates the optimizer's state
     rest = resident_bytes(model)
+    moments = sum(t.untyped_storage().nbytes() for st in step.optimizer.state.values()
+                  for t in st.values() if isinstance(t, torch.Tensor) and t.dim() > 0)
     used = peak_memory(lambda: step(idx, targets), device)
-    return {"resident": rest, "step": used, "total": rest + used}
+    return {"resident": rest, "optimizer": moments, "step": used,
+            "total": rest + moments + used}
