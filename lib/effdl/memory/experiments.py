@@ -310,7 +310,9 @@ def tuning_step_times(base, data, batch: int, seq: int, device, repeat: int,
                               qst_reduction=r["qst_reduction"] or 4)
         step = T.make_step(model)
         steps[r["method"]] = lambda step=step: step(idx, tg)
-    times = interleaved(steps, rounds=repeat, warmup=1, device=device)
+    # why more rounds than elsewhere: these steps are short, and their ratio sets a
+    # number of steps, not just a figure
+    times = interleaved(steps, rounds=max(6, 2 * repeat), warmup=2, device=device)
     for r in rows:
         r["ms_per_step"] = statistics.median(times[r["method"]].times_ms)
     return rows
