@@ -16,9 +16,8 @@ from torch import nn
 
 from effdl import lm
 from effdl.estimate import Work
-from effdl.memory import accounting
+from effdl.memory import accounting, task
 from effdl.memory import experiments as E
-from effdl.memory import task
 from effdl.memory import training as T
 from effdl.memory.offload import OffloadExecutor
 from effdl.memory.quant import QuantLinear, quantize_model

@@ -12,7 +12,7 @@ import time
 
 import torch
 
-from effdl.measure import interleaved, peak_memory, quartiles
+from effdl.measure import interleaved, quartiles
 from effdl.memory import accounting as A
 from effdl.memory import training as T
 from effdl.memory.offload import OffloadExecutor, module_bytes
@@ -196,8 +196,6 @@ def quant_error_rows(base) -> list[dict]:
 def quant_loss_rows(base, held_out, seq: int, windows: int) -> list[dict]:
     """Held-out loss (bits per byte of Python source) of the model quantized with
     each scheme, and its resident bytes."""
-    from effdl.lm.train import bits_per_byte
-
     loss = _bpb(base, held_out, seq, windows)
     out = [row("fp32", bits=32, code_bits=32, loss=loss, bits_per_byte=loss,
                resident_bytes=T.resident_bytes(base))]
@@ -210,7 +208,6 @@ def quant_loss_rows(base, held_out, seq: int, windows: int) -> list[dict]:
         out.append(row(_label(scheme, g), bits=code, code_bits=code, scheme=scheme,
                        loss=loss, bits_per_byte=loss,
                        resident_bytes=T.resident_bytes(q)))
-    del bits_per_byte
     return out
 
 
@@ -425,5 +422,3 @@ def stack_flops_per_s(layers, cos, sin, batch, seq, device, ms: float) -> float:
     x = torch.zeros(batch, seq, layers[0].norm1.weight.numel(), device=device)
     return count_flops(lambda: _resident_run(layers, x, cos, sin)) / (ms / 1e3)
 
-
-del peak_memory
