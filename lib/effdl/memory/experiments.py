@@ -134,7 +134,8 @@ def step_rows(base, data, batch, seq, device, repeat: int, lora_r: int = 8,
 
 
 #: short column names of the chapter's tables (bytes shown in MiB)
-SHORT = {"activations": "act_MiB", "formula_bytes": "count_MiB",
+SHORT = {"weights": "weights_MiB", "gradients": "grads_MiB", "optimizer": "adam_MiB",
+         "activations": "act_MiB", "formula_bytes": "count_MiB",
          "peak_mem_bytes": "peak_MiB", "resident_bytes": "resident_MiB",
          "ms_per_step": "ms", "time_ratio": "time", "time_ratio_q1": "q1",
          "time_ratio_q3": "q3", "memory_ratio": "memory"}
