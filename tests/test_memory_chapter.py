@@ -546,3 +546,10 @@ def test_tuning_step_times_rows_feed_the_plans():
     plans = E.tuning_plans(5, rows)
     assert [p[3] for p in plans] == [None, None, None, 2, 4]
     assert all(p[2] >= 5 for p in plans)
+
+
+def test_cpu_link_gives_this_machine_a_t4s_copy_to_compute_ratio():
+    layers, cos, sin = E.offload_stack(2, 32, 4, 16, CPU)
+    m = E.cpu_link(layers, cos, sin, 2, 16, CPU, repeat=1)
+    assert m["flops_per_s"] > 0
+    assert m["bandwidth"] == pytest.approx(m["flops_per_s"] * E.T4_LINK_BYTES / E.T4_FP32_FLOPS)

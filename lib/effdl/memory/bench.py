@@ -58,11 +58,8 @@ def _offload(S, device) -> list[dict]:
                                        device)
     bandwidth = None
     if device.type == "cpu":                       # the modelled link (see the chapter)
-        base = E.offload_rows(layers, cos, sin, S.offload_batch, S.offload_seq, (), device,
-                              S.repeat, None)
-        rate = E.stack_flops_per_s(layers, cos, sin, S.offload_batch, S.offload_seq,
-                                   device, base[0]["ms"])
-        bandwidth = E.modelled_bandwidth(rate)
+        bandwidth = E.cpu_link(layers, cos, sin, S.offload_batch, S.offload_seq, device,
+                               S.repeat)["bandwidth"]
     rows = E.offload_rows(layers, cos, sin, S.offload_batch, S.offload_seq,
                           S.offload_ks, device, S.repeat, bandwidth)
     for r in rows:

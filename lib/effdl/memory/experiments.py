@@ -22,7 +22,7 @@ __all__ = ["ROW_FIELDS", "SHORT", "row", "load_model", "in_mib", "memory_sweep",
            "step_configs", "step_rows", "quant_error_rows", "quant_loss_rows",
            "matmul_rows", "finetune", "finetune_rows", "tuning_step_times",
            "tuning_plans", "qst_label", "STEP_LABELS", "TUNING_METHODS", "lrs_of",
-           "offload_stack", "modelled_bandwidth", "offload_rows", "stack_flops_per_s",
+           "offload_stack", "modelled_bandwidth", "cpu_link", "offload_rows", "stack_flops_per_s",
            "T4_FP32_FLOPS", "T4_LINK_BYTES"]
 
 ROW_FIELDS = ("method", "bits", "batch", "seq", "peak_mem_bytes", "ms_per_step",
@@ -414,6 +414,15 @@ def _time(fn, device) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return (time.perf_counter() - t0) * 1e3
+
+
+def cpu_link(layers, cos, sin, batch: int, seq: int, device, repeat: int) -> dict:
+    """The modelled link of the offloading measurements on a CPU: this machine's
+    FLOP rate on the resident stack (timed, FLOPs counted) and the bandwidth that gives
+    it a T4's ratio of copy to compute (:func:`modelled_bandwidth`)."""
+    ref = offload_rows(layers, cos, sin, batch, seq, (), device, repeat, None)
+    flops = stack_flops_per_s(layers, cos, sin, batch, seq, device, ref[0]["ms"])
+    return {"flops_per_s": flops, "bandwidth": modelled_bandwidth(flops)}
 
 
 def stack_flops_per_s(layers, cos, sin, batch, seq, device, ms: float) -> float:
