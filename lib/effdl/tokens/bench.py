@@ -9,6 +9,9 @@ from effdl.measure import benchmark, cpu_thread_policy
 from effdl.tokens.documents import make_documents
 from effdl.tokens.experiments import (
     build_model,
+    count_datasets,
+    count_latency,
+    count_sweep,
     datasets,
     kv_rows,
     measure_methods,
@@ -29,7 +32,21 @@ def run(S, device: torch.device) -> list[dict]:
         model = build_model(S)
         train(model, xtr, ytr, steps=S.train_steps, batch=S.train_batch, lr=S.lr, time_limit_s=S.train_time_limit_s)
         rows = measure_methods(model, xte, yte, keeps=S.keeps, batch=S.bench_batch, repeat=S.repeat, device=device)
-        return rows + kv_rows(S)
+        return rows + count_rows(S, device) + kv_rows(S)
+
+
+def count_rows(S, device: torch.device) -> list[dict]:
+    """The counting task (``"task": "count"``): train a keep-all model on it, then every one-shot
+    and per-layer method at every budget: accuracy, FLOPs and batch-64 latency (interleaved)."""
+    (xtr, ytr), (xte, yte, _) = count_datasets(S)
+    model = build_model(S, seed=0).to(device)
+    train(model, xtr, ytr, steps=S.count_steps, batch=S.train_batch, lr=S.lr,
+          time_limit_s=S.train_time_limit_s, progress=False)
+    rows = count_sweep(model, xte.to(device), yte.to(device), keeps=S.count_keeps)
+    rows = count_latency(model, xte, rows, batch=S.bench_batch, repeat=S.repeat, device=device)
+    for r in rows:
+        r.pop("option", None)  # its value is in "setting"
+    return rows
 
 
 def gpu_suite(device: torch.device, S) -> list[dict]:

@@ -27,7 +27,9 @@ __all__ = ["build_model", "datasets", "method_fn", "measure_methods", "token_cos
            "tcc_summary", "kv_model", "kv_windows", "cache_tensors", "query_tensors",
            "continuation_loss", "quantize_cache", "layer_sensitivity", "sensitivity_table",
            "predicted_increase", "allocate_bits", "even_bits", "delta_pays",
-           "kv_premises", "codec_row", "ttft_s", "crossover_gbps", "ttft_timings"]
+           "kv_premises", "codec_row", "ttft_s", "crossover_gbps", "ttft_timings",
+           "count_datasets", "count_sweep", "per_layer_setting", "crop_budgets",
+           "count_latency", "count_reducer", "count_comparison"]
 
 
 def build_model(S, seed: int = 0) -> TinyViT:
@@ -462,7 +464,7 @@ def tcc_summary(rows) -> list[dict]:
     """
     import numpy as np
 
-    vit = [r for r in rows if r.get("method") not in ("kv", "blocks")]
+    vit = [r for r in rows if r.get("method") not in ("kv", "blocks") and r.get("task") != "count"]
     base = next(r for r in vit if r["method"] == "keep_all")
     cands = [r for r in vit if r["method"] == "tcc" and r["mean_tokens_kept_frac"] <= 0.5]
     if not cands:
@@ -486,3 +488,174 @@ def tcc_summary(rows) -> list[dict]:
         out.append({"comparison": f"KV size fp16 / compressed, error <= 1e-2 (bits {best['bits']})",
                     "value": best["ratio_vs_fp16"], "unit": "x"})
     return out
+
+
+# --- the counting task: where the answer is spread over the page ------------------------------
+
+def count_datasets(S, seed: int = 0):
+    """Counting pages (:func:`effdl.tokens.density.make_count_documents`) for the profile:
+    ``(train_images, train_labels), (test_images, test_labels, test_info)``; ``test_info`` has
+    the exact count of each page and of each crop (``crop_count``)."""
+    from effdl.tokens.density import make_count_documents
+
+    train_set = make_count_documents(S.count_train, seed, size=S.page, glyph_px=S.glyph_px)
+    test_set = make_count_documents(S.count_test, seed + 1, size=S.page, glyph_px=S.glyph_px,
+                                    crop=S.crop, return_info=True)
+    return train_set, test_set
+
+
+def _per_layer_run(model, images, method, **kw):
+    """(logits, FLOPs fraction of keep-all) of :func:`effdl.tokens.perlayer.forward_per_layer`."""
+    from effdl.tokens.perlayer import forward_per_layer, per_layer_flops
+
+    logits, info = forward_per_layer(model, images, method, return_info=True, **kw)
+    return logits, per_layer_flops(model, info["tokens"]) / model.flops()
+
+
+def per_layer_setting(model, method: str, flops_frac: float, images) -> dict:
+    """The per-layer option whose FLOPs come closest to ``flops_frac`` of keep-all.
+
+    ToMe: the ``r`` merged in every block; EViT: the ``keep_rate`` at its default depths (searched
+    on a 0.05 grid).  ``images``: a few pages (token counts do not depend on content).
+    """
+    if method not in ("tome", "evit"):
+        raise ValueError(f"method must be 'tome' or 'evit', got {method!r}")
+    if not 0 < flops_frac <= 1:
+        raise ValueError(f"flops_frac must be in (0, 1], got {flops_frac}")
+    n = model.n_patches
+    if method == "tome":  # r merges per block; the last blocks must keep [CLS] + >= 1 token
+        grid = [{"r": r} for r in range(0, n // len(model.blocks) + 1)]
+    else:
+        grid = [{"keep_rate": k / 20} for k in range(1, 21)]
+    best, gap = None, math.inf
+    with torch.no_grad():
+        for opt in grid:
+            try:
+                _, frac = _per_layer_run(model, images[:2], method, **opt)
+            except ValueError:  # r too large for the token count
+                continue
+            if abs(frac - flops_frac) < gap:
+                best, gap = opt, abs(frac - flops_frac)
+    return best
+
+
+def count_reducer(method: str, keep: float):
+    """A reducer by name, plus ``"tcc+fuse"``: TCC whose dropped patches are averaged into one
+    token per crop (``reducers.tcc(..., fuse="mean")``, this course's addition)."""
+    if method == "tcc+fuse":
+        return make("tcc", keep=keep, fuse="mean")
+    return make(method, keep=keep)
+
+
+@torch.no_grad()
+def count_sweep(model, images, labels, *, keeps, methods=("random_drop", "pool", "evit", "tome",
+                "tcc", "tcc+fuse"), per_layer=("tome", "evit"), batch: int = 250,
+                task: str = "count") -> list[dict]:
+    """Accuracy against the fraction of keep-all FLOPs, every method, every budget.
+
+    One-shot reducers (before block 0) run at each ``keep``; each per-layer method
+    (:mod:`effdl.tokens.perlayer`) at the setting whose FLOPs match the one-shot EViT's at that
+    ``keep`` (:func:`per_layer_setting`), so rows of one budget compare at equal FLOPs.
+    Rows ``{"task", "method", "where", "setting", "keep", "flops_frac", "kept_frac", "accuracy"}``;
+    the first row is keep-all.
+    """
+    model = model.eval()
+    full = evaluate(model, images, labels)
+    rows = [{"task": task, "method": "keep_all", "where": "-", "setting": "-", "keep": 1.0,
+             "flops_frac": 1.0, "kept_frac": 1.0, "accuracy": full["accuracy"]}]
+    for keep in keeps:
+        fracs = {}
+        for m in methods:
+            ev = evaluate(model, images, labels, count_reducer(m, keep))
+            frac = model.flops(ev["kept_frac"] * model.n_patches) / model.flops()
+            fracs[m] = frac
+            rows.append({"task": task, "method": m, "where": "before block 0",
+                         "setting": f"keep={keep:g}", "keep": keep, "flops_frac": frac,
+                         "kept_frac": ev["kept_frac"], "accuracy": ev["accuracy"]})
+        goal = fracs.get("evit", model.flops(keep * model.n_patches) / model.flops())
+        for m in per_layer:
+            opt = per_layer_setting(model, m, goal, images)
+            correct, frac = 0, 1.0
+            for i in range(0, images.shape[0], batch):
+                logits, frac = _per_layer_run(model, images[i:i + batch], m, **opt)
+                correct += int((logits.argmax(-1) == labels[i:i + batch]).sum())
+            (key, val), = opt.items()
+            rows.append({"task": task, "method": f"{m} per layer", "option": opt,
+                         "where": "every block" if m == "tome" else "blocks "
+                         + ",".join(map(str, _evit_depths(model))),
+                         "setting": f"{key}={val:g}", "keep": keep, "flops_frac": frac,
+                         "kept_frac": float("nan"),
+                         "accuracy": correct / images.shape[0]})
+    return rows
+
+
+def count_latency(model, images, rows, *, batch: int = 64, repeat: int = 5, device=None) -> list[dict]:
+    """Add ``ms_batch64`` (median over ``repeat`` interleaved rounds, a batch of ``batch`` pages)
+    and its spread (``ms_batch64_iqr``) to every row of :func:`count_sweep`, in place."""
+    from effdl.tokens.perlayer import forward_per_layer
+
+    dev = torch.device(device or "cpu")
+    model = model.to(dev).eval()
+    xb = images[:batch].to(dev)
+    calls = {}
+    for i, r in enumerate(rows):
+        if r["method"] == "keep_all":
+            calls[i] = lambda: model(xb)
+        elif "option" in r:  # per layer
+            calls[i] = lambda r=r: forward_per_layer(model, xb, r["method"].split()[0],
+                                                     **r["option"])
+        else:
+            fn, gen = count_reducer(r["method"], r["keep"]), torch.Generator().manual_seed(0)
+            calls[i] = lambda fn=fn, gen=gen: model(xb, fn, buckets=4, generator=gen)
+    with torch.no_grad():
+        res = interleaved(calls, rounds=repeat, warmup=1, device=dev)
+    for i, r in enumerate(rows):
+        r.update(ms_batch64=res[i].median_ms, ms_batch64_iqr=res[i].iqr_ms, batch=int(xb.shape[0]))
+    return rows
+
+
+def count_comparison(rows, method: str = "tcc+fuse", tol: float = 0.05) -> list[dict]:
+    """For each budget: ``method`` against the most accurate *other* method whose FLOPs lie
+    within ``tol`` (absolute, as a fraction of keep-all) of its own, and against keep-all.
+
+    Rows ``{"keep", "flops_frac", "accuracy_%", "best_other", "other_flops", "other_%",
+    "gain_pts", "vs_keep_all_pts"}``; ``best_other`` is ``"-"`` when no method is that close.
+    """
+    full = next(100 * r["accuracy"] for r in rows if r["method"] == "keep_all")
+    out = []
+    for r in rows:
+        if r["method"] != method:
+            continue
+        near = [o for o in rows if o["method"] not in (method, "keep_all")
+                and abs(o["flops_frac"] - r["flops_frac"]) <= tol]
+        best = max(near, key=lambda o: o["accuracy"], default=None)
+        acc = 100 * r["accuracy"]
+        out.append({"keep": r["keep"], "flops_frac": r["flops_frac"], "accuracy_%": acc,
+                    "best_other": best["method"] if best else "-",
+                    "other_flops": best["flops_frac"] if best else float("nan"),
+                    "other_%": 100 * best["accuracy"] if best else float("nan"),
+                    "gain_pts": acc - 100 * best["accuracy"] if best else float("nan"),
+                    "vs_keep_all_pts": acc - full})
+    return out
+
+
+def _evit_depths(model) -> tuple[int, ...]:
+    from effdl.tokens.perlayer import evit_layers
+
+    return evit_layers(len(model.blocks))
+
+
+def crop_budgets(model, images, keep: float, **options) -> dict:
+    """TCC's per-crop view of ``images``: density, tokens kept per crop, and the kept patches.
+
+    Returns ``{"density": (B, C), "per_crop": (B, C), "kept": (B, C) kept per crop incl.
+    outliers, "mask": (B, n_patches) bool}`` from one TCC pass at ``keep``.
+    """
+    with torch.no_grad():
+        gen = torch.Generator().manual_seed(0)
+        _, info = model(images, make("tcc", keep=keep, **options), generator=gen,
+                        return_info=True)
+    mask = info["assign"] >= 0  # dropped patches have no output slot (-1)
+    kept = mask.reshape(mask.shape[0], model.n_crops, model.tokens_per_crop).sum(-1)
+    return {"density": info["density"], "per_crop": info["per_crop"], "kept": kept,
+            "mask": mask}

@@ -12,7 +12,7 @@ import torch
 
 __all__ = ["kept_tokens_figure", "explore_kept", "token_overlay", "plot_tradeoff", "plot_kv",
            "plot_kv_loss", "plot_ttft",
-           "plot_bench", "plot_recorded"]
+           "plot_bench", "plot_recorded", "plot_count_sweep", "plot_crop_budgets"]
 
 
 @torch.no_grad()
@@ -99,7 +99,7 @@ def plot_tradeoff(rows, axes=None):
     """Accuracy and batch-64 latency against the mean fraction of tokens kept, one line per method."""
     import matplotlib.pyplot as plt
 
-    vit = [r for r in rows if r.get("method") not in ("kv", "blocks")]
+    vit = [r for r in rows if r.get("method") not in ("kv", "blocks") and r.get("task") != "count"]
     if axes is None:
         _, axes = plt.subplots(1, 2, figsize=(11, 3.8))
     for method in dict.fromkeys(r["method"] for r in vit):
@@ -156,9 +156,12 @@ def plot_bench(rows):
     """The CLI's figure: :func:`plot_tradeoff` and :func:`plot_kv` side by side."""
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(16, 3.8))
+    count = any(r.get("task") == "count" for r in rows)
+    fig, axes = plt.subplots(1, 4 if count else 3, figsize=(21 if count else 16, 3.8))
     plot_tradeoff(rows, axes[:2])
     plot_kv(rows, axes[2])
+    if count:
+        plot_count_sweep(rows, axes[3])
     fig.tight_layout()
     return fig
 
@@ -222,3 +225,66 @@ def plot_ttft(nbytes: dict, decode_s: dict, recompute_s: float, gbps, ax=None):
     ax.legend(fontsize=7)
     ax.figure.tight_layout()
     return ax.figure
+
+
+def plot_count_sweep(rows, ax=None):
+    """Accuracy on the counting pages against the fraction of keep-all FLOPs, one line per method
+    (rows of :func:`effdl.tokens.experiments.count_sweep`); per-layer methods dashed."""
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in rows if r.get("task") == "count"]
+    if ax is None:
+        _, ax = plt.subplots(figsize=(7, 4))
+    for method in dict.fromkeys(r["method"] for r in rows):
+        pts = sorted((r["flops_frac"], 100 * r["accuracy"]) for r in rows if r["method"] == method)
+        if method == "keep_all":
+            ax.axhline(pts[0][1], color="k", ls="--", lw=1, label="keep_all")
+            continue
+        tcc = method.startswith("tcc")
+        style = dict(marker="*" if tcc else "o", ms=11 if tcc else 5,
+                     ls="--" if "per layer" in method else "-", label=method)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], **style)
+    ax.axhline(25, color="gray", ls=":", lw=1, label="chance (4 classes)")
+    ax.set(xlabel="FLOPs per page, fraction of keep-all", ylabel="accuracy (%)",
+           title="counting marks: accuracy vs compute")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    ax.figure.tight_layout()
+    return ax.figure
+
+
+def plot_crop_budgets(model, images, budgets: dict, crop_counts, *, titles=None):
+    """Pages with TCC's kept patches (dropped ones darkened) and, in each crop, its density ρ,
+    the tokens it kept out of its patches, and how many marks it really holds.
+
+    budgets: :func:`effdl.tokens.experiments.crop_budgets` of ``images``;
+    crop_counts: ``(B, n_crops)`` true marks per crop (``info["crop_count"]``).
+    """
+    import matplotlib.pyplot as plt
+
+    B = images.shape[0]
+    fig, axes = plt.subplots(1, B, figsize=(3.1 * B, 3.4))
+    axes = np.atleast_1d(axes)
+    H, W = model.image_size
+    g, cx = model.crop // model.patch, W // model.crop
+    T = model.tokens_per_crop
+    for b, ax in enumerate(axes):
+        mask = budgets["mask"][b].cpu().float()
+        grid = mask.view(H // model.crop, cx, g, g).permute(0, 2, 1, 3).reshape(H // model.patch,
+                                                                              W // model.patch)
+        ax.imshow(images[b, 0].numpy(), cmap="gray", vmin=0, vmax=1, extent=(0, W, H, 0))
+        overlay = np.zeros((*grid.shape, 4))
+        overlay[grid.numpy() == 0] = (0.1, 0.1, 0.1, 0.55)   # dropped: darkened
+        ax.imshow(overlay, extent=(0, W, H, 0), interpolation="nearest")
+        for c in range(budgets["density"].shape[1]):
+            y0, x0 = (c // cx) * model.crop, (c % cx) * model.crop
+            ax.add_patch(plt.Rectangle((x0, y0), model.crop, model.crop, fill=False, ec="red",
+                                       lw=0.8))
+            ax.text(x0 + 2, y0 + 2, f"ρ={float(budgets['density'][b, c]):.2f}\n"
+                    f"{int(budgets['kept'][b, c])}/{T} kept\n{int(crop_counts[b, c])} ●",
+                    fontsize=6.5, va="top", color="white",
+                    bbox=dict(facecolor="black", alpha=0.6, pad=1, lw=0))
+        ax.set_title(titles[b] if titles else "", fontsize=8)
+        ax.axis("off")
+    fig.tight_layout()
+    return fig

@@ -316,6 +316,7 @@ def tcc(
     iqr_k: float = 1.5,
     temperature: float = 0.1,
     sample: bool = True,
+    fuse: str | None = None,
 ) -> Reduced:
     """Token-level Correlation-guided Compression (our implementation; the paper's code
     is unreleased).
@@ -329,9 +330,15 @@ def tcc(
        ``sample=False`` takes the top ones);
     4. global: add every patch whose [CLS] attention is an IQR outlier over the whole
        page;
-    5. discard the rest (no fusion).  Pages keep different counts: the batch is padded.
+    5. discard the rest (the paper's rule).  Pages keep different counts: the batch is padded.
+
+    ``fuse="mean"`` (this course's addition, not the paper's): instead of discarding, average the
+    dropped patches of each crop into one token whose size is their number, so proportional
+    attention weighs it as all of them (EViT's fused token, one per crop).
     """
     keep = _check_keep(keep)
+    if fuse not in (None, "mean"):
+        raise ValueError(f"fuse must be None (discard, the paper's rule) or 'mean', got {fuse!r}")
     if temperature <= 0:
         raise ValueError(
             "temperature must be > 0 (use sample=False for top-k), "
@@ -364,7 +371,30 @@ def tcc(
     chosen = chosen | outliers
     out = _select(x, ctx, chosen)
     out.extra = {"density": density, "per_crop": per_crop, "outliers": outliers.sum(1)}
-    return out
+    return _fuse_per_crop(x, ctx, out, chosen) if fuse == "mean" else out
+
+
+def _fuse_per_crop(x: torch.Tensor, ctx: TokenContext, out: Reduced, chosen: torch.Tensor) -> Reduced:
+    """Append one token per crop: the mean of its dropped patches, sized by their number.
+
+    A crop that dropped nothing gets size 0 (masked like padding)."""
+    B, n, T, D = x.shape[0], ctx.n_patches, ctx.tokens_per_crop, x.shape[-1]
+    C = n // T
+    dropped = (~chosen).to(x.dtype).reshape(B, C, T)
+    size = (ctx.size[:, 1:].reshape(B, C, T) * dropped).sum(-1)  # (B, C) patches each stands for
+    fused = (dropped[..., None] * x[:, 1:].reshape(B, C, T, D)).sum(2)
+    fused = fused / dropped.sum(-1, keepdim=True).clamp_min(1)  # (B, C, D) plain means
+    slot = out.x.shape[1] + torch.arange(C, device=x.device).repeat_interleave(T)  # (n,)
+    where = out.where.clone()
+    where[:, 1:] = torch.where(chosen, where[:, 1:], slot)
+    xs, sizes = torch.cat([out.x, fused], 1), torch.cat([out.size, size], 1)
+    # padding (size 0) must stay last: move the real tokens to the front, in order
+    perm = torch.sort((sizes == 0).to(torch.int8), dim=1, stable=True).indices  # (B, M)
+    inv = torch.argsort(perm, dim=1)
+    xs, sizes = xs.gather(1, perm[..., None].expand(-1, -1, D)), sizes.gather(1, perm)
+    where = torch.where(where >= 0, inv.gather(1, where.clamp_min(0)), where)
+    m = int((sizes > 0).sum(1).max())
+    return Reduced(xs[:, :m], sizes[:, :m], where, extra=out.extra)
 
 
 REDUCERS = {"keep_all": keep_all, "random_drop": random_drop, "pool": pool, "evit": evit,

@@ -31,6 +31,10 @@ class Sizes:
     kv_depth: int
     kv_bits: tuple[int, ...]       # mean bits per value of the KV codec's settings
     kv_windows: int                # held-out windows (of the LM's training length) read
+    count_train: int               # the counting task: training and test pages,
+    count_test: int
+    count_steps: int               # its keep-all training steps,
+    count_keeps: tuple[float, ...]  # and the budgets of its sweep
     threads: int | None = None     # CPU threads for training and timing (None: torch's default).
     # why 1 on `smoke` and `cpu`: tests and the site run on a shared 2-core machine; two threads
     # competing with other processes gave 10x timing outliers, one thread gives steady numbers
@@ -42,14 +46,16 @@ SIZES = {
         page=(48, 48), crop=24, patch=8, glyph_px=5, dim=16, depth=3, heads=2, reduce_at=0,
         n_train=96, n_test=32, train_steps=3, train_batch=16, lr=1e-3, train_time_limit_s=20,
         finetune_steps=2, keeps=(0.5,), bench_batch=8, repeat=1, cost_tokens=(16, 64),
-        kv_tokens=64, kv_dim=32, kv_depth=2, kv_bits=(4, 6), kv_windows=2, threads=1,
+        kv_tokens=64, kv_dim=32, kv_depth=2, kv_bits=(4, 6), kv_windows=2, count_train=96, count_test=32, count_steps=3,
+        count_keeps=(0.5,), threads=1,
     ),
     "cpu": Sizes(
         page=(96, 96), crop=48, patch=8, glyph_px=5, dim=32, depth=6, heads=2, reduce_at=0,
-        n_train=3000, n_test=1000, train_steps=200, train_batch=32, lr=1e-3, train_time_limit_s=100,
-        finetune_steps=30, keeps=(0.7, 0.5, 0.35, 0.25), bench_batch=64, repeat=15,
+        n_train=3000, n_test=600, train_steps=200, train_batch=32, lr=1e-3, train_time_limit_s=100,
+        finetune_steps=30, keeps=(0.7, 0.5, 0.35, 0.25), bench_batch=64, repeat=7,
         cost_tokens=(16, 36, 64, 144, 256, 576), kv_tokens=1024, kv_dim=128, kv_depth=4,
-        kv_bits=(3, 4, 5, 6, 7, 8), kv_windows=32, threads=1,
+        kv_bits=(3, 4, 5, 6, 7, 8), kv_windows=32, count_train=2000, count_test=600,
+        count_steps=400, count_keeps=(0.7, 0.5, 0.35), threads=1,
     ),
     "gpu": Sizes(
         # sized for a free Colab T4 by effdl.estimate; at 4096 tokens, batch 64,
@@ -58,7 +64,8 @@ SIZES = {
         n_train=4000, n_test=1000, train_steps=800, train_batch=128, lr=1e-3, train_time_limit_s=300,
         finetune_steps=100, keeps=(0.7, 0.5, 0.35, 0.25), bench_batch=32, repeat=20,
         cost_tokens=(64, 256, 1024, 2048), kv_tokens=4096, kv_dim=256, kv_depth=8,
-        kv_bits=(3, 4, 5, 6, 7, 8), kv_windows=16,
+        kv_bits=(3, 4, 5, 6, 7, 8), kv_windows=16, count_train=4000, count_test=1000,
+        count_steps=800, count_keeps=(0.7, 0.5, 0.35),
     ),
 }
 
@@ -89,6 +96,10 @@ def work(S: Sizes):
     w += (S.repeat + 1) * len(S.keeps) * methods * (4 * forward(1) + forward(S.bench_batch))
     for t in S.cost_tokens:                                            # cost against token count
         w += (S.repeat + 1) * forward(S.bench_batch, t)
+    # the counting task: its pages, its training, one-shot and per-layer sweeps (~9 passes/budget)
+    w += Work(host_steps=2.5 * n * (S.count_train + S.count_test))
+    w += S.count_steps * 3 * forward(S.train_batch)
+    w += (1 + 9 * len(S.count_keeps)) * evaluate(S.count_test)
     # the KV-cache section, on the host: the shared LM (at most kv_depth layers of width kv_dim)
     # over kv_windows windows of its training length (at most 512 bytes, effdl.lm.profiles):
     # a prefill, a decode per layer and width (sensitivity), two per codec setting; timings
