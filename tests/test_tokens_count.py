@@ -138,9 +138,10 @@ def test_count_comparison_picks_the_best_within_tolerance():
             {"method": "a", "keep": 0.5, "flops_frac": 0.40, "accuracy": 0.70},
             {"method": "b", "keep": 0.5, "flops_frac": 0.44, "accuracy": 0.80},
             {"method": "c", "keep": 0.5, "flops_frac": 0.30, "accuracy": 0.95},   # too cheap
-            {"method": "tcc+fuse", "keep": 0.5, "flops_frac": 0.41, "accuracy": 0.85},
+            {"method": "tcc+fuse", "keep": 0.5, "flops_frac": 0.41, "accuracy": 0.85, "pages": 400},
             {"method": "tcc+fuse", "keep": 0.2, "flops_frac": 0.10, "accuracy": 0.5}]
     out = tx.count_comparison(rows)
     assert out[0]["best_other"] == "b" and out[0]["gain_pts"] == pytest.approx(5)
     assert out[0]["vs_keep_all_pts"] == pytest.approx(-5)
+    assert out[0]["se_pts"] == pytest.approx(100 * math.sqrt((0.85 * 0.15 + 0.8 * 0.2) / 400))
     assert out[1]["best_other"] == "-" and math.isnan(out[1]["gain_pts"])

@@ -561,8 +561,9 @@ def count_sweep(model, images, labels, *, keeps, methods=("random_drop", "pool",
     """
     model = model.eval()
     full = evaluate(model, images, labels)
+    pages = int(images.shape[0])
     rows = [{"task": task, "method": "keep_all", "where": "-", "setting": "-", "keep": 1.0,
-             "flops_frac": 1.0, "kept_frac": 1.0, "accuracy": full["accuracy"]}]
+             "flops_frac": 1.0, "kept_frac": 1.0, "accuracy": full["accuracy"], "pages": pages}]
     for keep in keeps:
         fracs = {}
         for m in methods:
@@ -571,7 +572,8 @@ def count_sweep(model, images, labels, *, keeps, methods=("random_drop", "pool",
             fracs[m] = frac
             rows.append({"task": task, "method": m, "where": "before block 0",
                          "setting": f"keep={keep:g}", "keep": keep, "flops_frac": frac,
-                         "kept_frac": ev["kept_frac"], "accuracy": ev["accuracy"]})
+                         "kept_frac": ev["kept_frac"], "accuracy": ev["accuracy"],
+                         "pages": pages})
         goal = fracs.get("evit", model.flops(keep * model.n_patches) / model.flops())
         for m in per_layer:
             opt = per_layer_setting(model, m, goal, images)
@@ -584,7 +586,7 @@ def count_sweep(model, images, labels, *, keeps, methods=("random_drop", "pool",
                          "where": "every block" if m == "tome" else "blocks "
                          + ",".join(map(str, _evit_depths(model))),
                          "setting": f"{key}={val:g}", "keep": keep, "flops_frac": frac,
-                         "kept_frac": float("nan"),
+                         "kept_frac": float("nan"), "pages": pages,
                          "accuracy": correct / images.shape[0]})
     return rows
 
@@ -619,7 +621,9 @@ def count_comparison(rows, method: str = "tcc+fuse", tol: float = 0.05) -> list[
     within ``tol`` (absolute, as a fraction of keep-all) of its own, and against keep-all.
 
     Rows ``{"keep", "flops_frac", "accuracy_%", "best_other", "other_flops", "other_%",
-    "gain_pts", "vs_keep_all_pts"}``; ``best_other`` is ``"-"`` when no method is that close.
+    "gain_pts", "se_pts", "vs_keep_all_pts"}``; ``best_other`` is ``"-"`` when no method is that
+    close.  ``se_pts``: the standard error of the gain if the two accuracies were independent
+    binomial estimates on the rows' ``pages`` (an upper bound for one paired test set).
     """
     full = next(100 * r["accuracy"] for r in rows if r["method"] == "keep_all")
     out = []
@@ -630,12 +634,16 @@ def count_comparison(rows, method: str = "tcc+fuse", tol: float = 0.05) -> list[
                 and abs(o["flops_frac"] - r["flops_frac"]) <= tol]
         best = max(near, key=lambda o: o["accuracy"], default=None)
         acc = 100 * r["accuracy"]
+        se = float("nan")
+        if best and r.get("pages"):
+            var = sum(p * (1 - p) for p in (r["accuracy"], best["accuracy"])) / r["pages"]
+            se = 100 * math.sqrt(var)
         out.append({"keep": r["keep"], "flops_frac": r["flops_frac"], "accuracy_%": acc,
                     "best_other": best["method"] if best else "-",
                     "other_flops": best["flops_frac"] if best else float("nan"),
                     "other_%": 100 * best["accuracy"] if best else float("nan"),
                     "gain_pts": acc - 100 * best["accuracy"] if best else float("nan"),
-                    "vs_keep_all_pts": acc - full})
+                    "se_pts": se, "vs_keep_all_pts": acc - full})
     return out
 
 

@@ -374,7 +374,9 @@ def tcc(
     return _fuse_per_crop(x, ctx, out, chosen) if fuse == "mean" else out
 
 
-def _fuse_per_crop(x: torch.Tensor, ctx: TokenContext, out: Reduced, chosen: torch.Tensor) -> Reduced:
+def _fuse_per_crop(
+    x: torch.Tensor, ctx: TokenContext, out: Reduced, chosen: torch.Tensor
+) -> Reduced:
     """Append one token per crop: the mean of its dropped patches, sized by their number.
 
     A crop that dropped nothing gets size 0 (masked like padding)."""
@@ -392,7 +394,7 @@ def _fuse_per_crop(x: torch.Tensor, ctx: TokenContext, out: Reduced, chosen: tor
     perm = torch.sort((sizes == 0).to(torch.int8), dim=1, stable=True).indices  # (B, M)
     inv = torch.argsort(perm, dim=1)
     xs, sizes = xs.gather(1, perm[..., None].expand(-1, -1, D)), sizes.gather(1, perm)
-    where = torch.where(where >= 0, inv.gather(1, where.clamp_min(0)), where)
+    where = torch.where(where >= 0, inv.gather(1, where.clamp_min(0)), where)  # follow the move
     m = int((sizes > 0).sum(1).max())
     return Reduced(xs[:, :m], sizes[:, :m], where, extra=out.extra)
 
