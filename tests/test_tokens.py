@@ -344,7 +344,8 @@ def test_bench_rows_hold_every_method_and_the_kv_codec(smoke_rows):
     count = [r for r in smoke_rows if r.get("task") == "count"]
     # the counting task: every one-shot method, TCC with fused tokens, ToMe and EViT per layer
     assert {r["method"] for r in count} == {"keep_all", "random_drop", "pool", "evit", "tome", "tcc",
-                                            "tcc+fuse", "tome per layer", "evit per layer"}
+                                            "tcc+fuse", "tome per layer", "evit per layer",
+                                            "evit per layer, discard"}
     for r in count:
         assert {"keep", "flops_frac", "accuracy", "ms_batch64", "ms_batch64_iqr"} <= set(r)
         assert 0 < r["flops_frac"] <= 1 and 0 <= r["accuracy"] <= 1 and r["ms_batch64"] > 0

@@ -44,7 +44,7 @@ def test_per_layer_setting_is_the_closest(model, data, method):
     _, info = forward_per_layer(model, images, method, return_info=True, **opt)
     got = abs(per_layer_flops(model, info["tokens"]) / model.flops() - goal)
     # no other setting of the grid is closer
-    grid = ([{"r": r} for r in range(0, model.n_patches // len(model.blocks) + 1)]
+    grid = ([{"r": r} for r in range(0, model.n_patches // 2 + 1)]
             if method == "tome" else [{"keep_rate": k / 20} for k in range(1, 21)])
     for o in grid:
         try:
@@ -66,7 +66,7 @@ def test_count_sweep_rows(model, data):
     rows = tx.count_sweep(model, xte, yte, keeps=(0.5,), methods=("random_drop", "tcc"))
     assert rows[0]["method"] == "keep_all" and rows[0]["flops_frac"] == 1.0
     assert [r["method"] for r in rows[1:]] == ["random_drop", "tcc", "tome per layer",
-                                               "evit per layer"]
+                                               "evit per layer", "evit per layer, discard"]
     for r in rows:
         assert r["task"] == "count" and 0 <= r["accuracy"] <= 1 and 0 < r["flops_frac"] <= 1
     # keep-all accuracy is the model's own
@@ -78,6 +78,10 @@ def test_count_sweep_rows(model, data):
     tome = rows[3]
     logits = forward_per_layer(model, xte, "tome", **tome["option"])
     assert math.isclose(tome["accuracy"], float((logits.argmax(-1) == yte).float().mean()))
+    # the control runs EViT's own choice without the fused token: one token fewer
+    fused, dropped = rows[4], rows[5]
+    assert dropped["option"]["fuse"] == "none" and dropped["setting"] == fused["setting"]
+    assert dropped["flops_frac"] < fused["flops_frac"]
     rows = tx.count_latency(model, xte, rows, batch=4, repeat=1)
     assert all(r["ms_batch64"] > 0 and r["batch"] == 4 for r in rows)
 
@@ -138,6 +142,7 @@ def test_count_comparison_picks_the_best_within_tolerance():
             {"method": "a", "keep": 0.5, "flops_frac": 0.40, "accuracy": 0.70},
             {"method": "b", "keep": 0.5, "flops_frac": 0.44, "accuracy": 0.80},
             {"method": "c", "keep": 0.5, "flops_frac": 0.30, "accuracy": 0.95},   # too cheap
+            {"method": "tcc", "keep": 0.5, "flops_frac": 0.41, "accuracy": 0.99},  # excluded
             {"method": "tcc+fuse", "keep": 0.5, "flops_frac": 0.41, "accuracy": 0.85, "pages": 400},
             {"method": "tcc+fuse", "keep": 0.2, "flops_frac": 0.10, "accuracy": 0.5}]
     out = tx.count_comparison(rows)

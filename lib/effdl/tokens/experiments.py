@@ -523,8 +523,8 @@ def per_layer_setting(model, method: str, flops_frac: float, images) -> dict:
     if not 0 < flops_frac <= 1:
         raise ValueError(f"flops_frac must be in (0, 1], got {flops_frac}")
     n = model.n_patches
-    if method == "tome":  # r merges per block; the last blocks must keep [CLS] + >= 1 token
-        grid = [{"r": r} for r in range(0, n // len(model.blocks) + 1)]
+    if method == "tome":  # r merges per block (each block merges at most half of what is left)
+        grid = [{"r": r} for r in range(0, n // 2 + 1)]
     else:
         grid = [{"keep_rate": k / 20} for k in range(1, 21)]
     best, gap = None, math.inf
@@ -549,13 +549,15 @@ def count_reducer(method: str, keep: float):
 
 @torch.no_grad()
 def count_sweep(model, images, labels, *, keeps, methods=("random_drop", "pool", "evit", "tome",
-                "tcc", "tcc+fuse"), per_layer=("tome", "evit"), batch: int = 250,
+                "tcc", "tcc+fuse"), per_layer=("tome", "evit", "evit-discard"), batch: int = 250,
                 task: str = "count") -> list[dict]:
     """Accuracy against the fraction of keep-all FLOPs, every method, every budget.
 
     One-shot reducers (before block 0) run at each ``keep``; each per-layer method
     (:mod:`effdl.tokens.perlayer`) at the setting whose FLOPs match the one-shot EViT's at that
-    ``keep`` (:func:`per_layer_setting`), so rows of one budget compare at equal FLOPs.
+    ``keep`` (:func:`per_layer_setting`), so rows of one budget compare at equal FLOPs where
+    the method can reach them.  ``"evit-discard"`` is a control: per-layer EViT's choice of
+    tokens with its fused token left out.
     Rows ``{"task", "method", "where", "setting", "keep", "flops_frac", "kept_frac", "accuracy"}``;
     the first row is keep-all.
     """
@@ -576,13 +578,18 @@ def count_sweep(model, images, labels, *, keeps, methods=("random_drop", "pool",
                          "pages": pages})
         goal = fracs.get("evit", model.flops(keep * model.n_patches) / model.flops())
         for m in per_layer:
-            opt = per_layer_setting(model, m, goal, images)
+            base = "evit" if m == "evit-discard" else m
+            opt = per_layer_setting(model, base, goal, images)
+            (key, val), = opt.items()
+            if m == "evit-discard":  # the control: EViT's choice, its fused token left out
+                opt = {**opt, "fuse": "none"}
             correct, frac = 0, 1.0
             for i in range(0, images.shape[0], batch):
-                logits, frac = _per_layer_run(model, images[i:i + batch], m, **opt)
+                logits, frac = _per_layer_run(model, images[i:i + batch], base, **opt)
                 correct += int((logits.argmax(-1) == labels[i:i + batch]).sum())
-            (key, val), = opt.items()
-            rows.append({"task": task, "method": f"{m} per layer", "option": opt,
+            rows.append({"task": task, "option": opt,
+                         "method": "evit per layer, discard" if m == "evit-discard"
+                         else f"{m} per layer",
                          "where": "every block" if m == "tome" else "blocks "
                          + ",".join(map(str, _evit_depths(model))),
                          "setting": f"{key}={val:g}", "keep": keep, "flops_frac": frac,
@@ -605,7 +612,7 @@ def count_latency(model, images, rows, *, batch: int = 64, repeat: int = 5, devi
             calls[i] = lambda: model(xb)
         elif "option" in r:  # per layer
             calls[i] = lambda r=r: forward_per_layer(model, xb, r["method"].split()[0],
-                                                     **r["option"])
+                                                     **r["option"])  # "tome" or "evit"
         else:
             fn, gen = count_reducer(r["method"], r["keep"]), torch.Generator().manual_seed(0)
             calls[i] = lambda fn=fn, gen=gen: model(xb, fn, buckets=4, generator=gen)
@@ -616,21 +623,24 @@ def count_latency(model, images, rows, *, batch: int = 64, repeat: int = 5, devi
     return rows
 
 
-def count_comparison(rows, method: str = "tcc+fuse", tol: float = 0.05) -> list[dict]:
+def count_comparison(rows, method: str = "tcc+fuse", tol: float = 0.05,
+                     exclude=("tcc",)) -> list[dict]:
     """For each budget: ``method`` against the most accurate *other* method whose FLOPs lie
     within ``tol`` (absolute, as a fraction of keep-all) of its own, and against keep-all.
+    ``exclude``: methods left out of the comparison (default: the paper's TCC, the same
+    method without its fused tokens).
 
     Rows ``{"keep", "flops_frac", "accuracy_%", "best_other", "other_flops", "other_%",
     "gain_pts", "se_pts", "vs_keep_all_pts"}``; ``best_other`` is ``"-"`` when no method is that
     close.  ``se_pts``: the standard error of the gain if the two accuracies were independent
-    binomial estimates on the rows' ``pages`` (an upper bound for one paired test set).
+    binomial estimates on the rows' ``pages`` (both run on one test set: an approximation).
     """
     full = next(100 * r["accuracy"] for r in rows if r["method"] == "keep_all")
     out = []
     for r in rows:
         if r["method"] != method:
             continue
-        near = [o for o in rows if o["method"] not in (method, "keep_all")
+        near = [o for o in rows if o["method"] not in (method, "keep_all", *exclude)
                 and abs(o["flops_frac"] - r["flops_frac"]) <= tol]
         best = max(near, key=lambda o: o["accuracy"], default=None)
         acc = 100 * r["accuracy"]

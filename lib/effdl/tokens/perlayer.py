@@ -109,15 +109,15 @@ def mlp_step(block: Block, x: torch.Tensor) -> torch.Tensor:
 
 
 def tome_merge(x: torch.Tensor, size: torch.Tensor, metric: torch.Tensor, r: int):
-    """One ToMe step on a whole sequence with [CLS] at 0: merge ``min(r, (N - 1) // 2)`` tokens.
+    """One ToMe step on a sequence with [CLS] at 0: merge ``min(r, (N-1) // 2)`` tokens.
 
     Follows ``bipartite_soft_matching`` + ``merge_wavg`` of facebookresearch/ToMe
-    (``tome/merge.py``): A = positions 0, 2, 4, ... ([CLS] among them, its scores set to -inf),
-    B = positions 1, 3, ...; each A token's best B partner by cosine similarity of ``metric``; the
-    ``r`` best edges merge A into B by the size-weighted mean; unmerged A tokens keep their order
-    (so [CLS] stays first), then B.
+    (``tome/merge.py``): A = positions 0, 2, 4, ... ([CLS] among them, its scores set
+    to -inf), B = positions 1, 3, ...; each A token's best B partner by cosine
+    similarity of ``metric``; the ``r`` best edges merge A into B by the size-weighted
+    mean; unmerged A tokens keep their order (so [CLS] stays first), then B.
 
-    x: ``(B, N, D)``; size: ``(B, N)``; metric: ``(B, N, d)`` (keys averaged over heads).
+    x: ``(B, N, D)``; size: ``(B, N)``; metric: ``(B, N, d)`` (keys, mean over heads).
     Returns ``(x', size')`` with ``N - r`` tokens.
     """
     Bsz, t, D = x.shape
@@ -147,19 +147,24 @@ def tome_merge(x: torch.Tensor, size: torch.Tensor, metric: torch.Tensor, r: int
     return merge(x * s) / new_size, new_size[..., 0]
 
 
-def evit_fuse(x: torch.Tensor, size: torch.Tensor, cls_attn: torch.Tensor, keep_rate: float, fuse: str = "mean"):
-    """One EViT reorganisation: keep [CLS] and the ``ceil(keep_rate * n)`` most attended of the ``n``
-    other tokens (original order), fuse the rest into one token appended at the end.
+def evit_fuse(
+    x: torch.Tensor, size: torch.Tensor, cls_attn: torch.Tensor, keep_rate: float,
+    fuse: str = "mean",
+):
+    """One EViT reorganisation: keep [CLS] and the ``ceil(keep_rate * n)`` most attended
+    of the ``n`` other tokens (original order), fuse the rest into one token at the end.
 
-    cls_attn: ``(B, n)`` [CLS] attention, mean over heads.  fuse: ``"mean"`` (default) the
-    attention-weighted mean ``sum(a_i x_i) / sum(a_i)``; ``"sum"`` the official ``sum(a_i x_i)``.
+    cls_attn: ``(B, n)`` [CLS] attention, mean over heads.  fuse: ``"mean"`` (default)
+    the attention-weighted mean ``sum(a_i x_i) / sum(a_i)``; ``"sum"`` the official
+    ``sum(a_i x_i)``; ``"none"`` discards the rest (a control: no fused token).
     The fused token's size is the total size of the tokens it absorbed.
-    Returns ``(x', size', kept)`` with ``kept`` ``(B, n)`` bool; unchanged input (and all-True
-    ``kept``) when ``ceil`` keeps every token, as in the official code.
+    Returns ``(x', size', kept)`` with ``kept`` ``(B, n)`` bool; unchanged input (and
+    all-True ``kept``) when ``ceil`` keeps every token, as in the official code.
     """
     B, N, D = x.shape
     n = N - 1
-    left = max(1, math.ceil(keep_rate * n - 1e-9))  # why -1e-9: 0.28 * 25 = 7.000000000000001
+    # why -1e-9: 0.28 * 25 = 7.000000000000001
+    left = max(1, math.ceil(keep_rate * n - 1e-9))
     if left >= n:
         return x, size, torch.ones(B, n, dtype=torch.bool, device=x.device)
     kept = torch.zeros(B, n, dtype=torch.bool, device=x.device)
@@ -167,6 +172,9 @@ def evit_fuse(x: torch.Tensor, size: torch.Tensor, cls_attn: torch.Tensor, keep_
     patches, psize = x[:, 1:], size[:, 1:]
     kept_x = patches[kept].view(B, left, D)  # boolean indexing keeps the original order
     kept_s = psize[kept].view(B, left)
+    if fuse == "none":
+        new_x = torch.cat([x[:, :1], kept_x], 1)
+        return new_x, torch.cat([size[:, :1], kept_s], 1), kept
     w = cls_attn * (~kept)
     fused = (w[..., None] * patches).sum(1)
     if fuse == "mean":
@@ -191,8 +199,9 @@ def _check(model, method, r, keep_rate, layers, fuse, n_tokens):
         raise ValueError(f"r applies to method='tome' only; drop r={r!r} for method={method!r}")
     if method != "evit" and (keep_rate is not None or layers is not None):
         raise ValueError(f"keep_rate and layers apply to method='evit' only; drop them for method={method!r}")
-    if fuse not in ("mean", "sum"):
-        raise ValueError(f"fuse must be 'mean' (attention-weighted mean) or 'sum' (official EViT), got {fuse!r}")
+    if fuse not in ("mean", "sum", "none"):
+        raise ValueError(f"fuse must be 'mean' (attention-weighted mean), 'sum' (official EViT) or "
+                         f"'none' (discard, a control), got {fuse!r}")
     if method == "tome":
         if r is None:
             raise ValueError("method='tome' needs r, the tokens merged in every block (r=0 merges nothing)")
@@ -235,7 +244,8 @@ def forward_per_layer(model: TinyViT, images: torch.Tensor, method: str = "none"
         ``"evit"``: at blocks ``layers`` (0-based; default :func:`evit_layers`, the paper's
             (3, 6, 9) for depth 12) keep [CLS] and the ``ceil(keep_rate * n)`` patch tokens with
             the most [CLS] attention (default keep_rate 0.7), and fuse the others into one token
-            appended at the end (``fuse``: "mean" or the official "sum", see :func:`evit_fuse`).
+            appended at the end (``fuse``: "mean", the official "sum", or "none" to discard them,
+            see :func:`evit_fuse`).
     prop_attn: add ``log size`` to the attention logits; default True for ToMe (the official
         ``apply_patch(prop_attn=True)``), False for EViT (the official EViT has none).
     return_info: also return ``{"tokens": [(n_attention, n_mlp) per block] (tokens incl. [CLS]

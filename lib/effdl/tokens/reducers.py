@@ -330,15 +330,18 @@ def tcc(
        ``sample=False`` takes the top ones);
     4. global: add every patch whose [CLS] attention is an IQR outlier over the whole
        page;
-    5. discard the rest (the paper's rule).  Pages keep different counts: the batch is padded.
+    5. discard the rest (the paper's rule).  Pages keep different counts: the batch is
+       padded.
 
-    ``fuse="mean"`` (this course's addition, not the paper's): instead of discarding, average the
-    dropped patches of each crop into one token whose size is their number, so proportional
-    attention weighs it as all of them (EViT's fused token, one per crop).
+    ``fuse="mean"`` (this course's addition, not the paper's): instead of discarding,
+    average the dropped patches of each crop into one token whose size is their number,
+    so proportional attention weighs it as all of them (EViT's fused token, per crop).
     """
     keep = _check_keep(keep)
     if fuse not in (None, "mean"):
-        raise ValueError(f"fuse must be None (discard, the paper's rule) or 'mean', got {fuse!r}")
+        raise ValueError(
+            f"fuse must be None (discard, the paper's rule) or 'mean', got {fuse!r}"
+        )
     if temperature <= 0:
         raise ValueError(
             "temperature must be > 0 (use sample=False for top-k), "
@@ -377,16 +380,17 @@ def tcc(
 def _fuse_per_crop(
     x: torch.Tensor, ctx: TokenContext, out: Reduced, chosen: torch.Tensor
 ) -> Reduced:
-    """Append one token per crop: the mean of its dropped patches, sized by their number.
-
-    A crop that dropped nothing gets size 0 (masked like padding)."""
+    """Append one token per crop: the size-weighted mean of its dropped patches, sized
+    by their total.  A crop that dropped nothing gets size 0 (masked like padding)."""
     B, n, T, D = x.shape[0], ctx.n_patches, ctx.tokens_per_crop, x.shape[-1]
     C = n // T
-    dropped = (~chosen).to(x.dtype).reshape(B, C, T)
-    size = (ctx.size[:, 1:].reshape(B, C, T) * dropped).sum(-1)  # (B, C) patches each stands for
-    fused = (dropped[..., None] * x[:, 1:].reshape(B, C, T, D)).sum(2)
-    fused = fused / dropped.sum(-1, keepdim=True).clamp_min(1)  # (B, C, D) plain means
-    slot = out.x.shape[1] + torch.arange(C, device=x.device).repeat_interleave(T)  # (n,)
+    # (B, C, T): the patches each dropped token stands for, 0 where kept
+    s = ctx.size[:, 1:].reshape(B, C, T) * (~chosen).reshape(B, C, T)
+    size = s.sum(-1)  # (B, C)
+    fused = (s[..., None] * x[:, 1:].reshape(B, C, T, D)).sum(2)
+    fused = fused / size[..., None].clamp_min(1e-12)  # (B, C, D)
+    # (n,) the fused token of each patch's crop, appended after the kept ones
+    slot = out.x.shape[1] + torch.arange(C, device=x.device).repeat_interleave(T)
     where = out.where.clone()
     where[:, 1:] = torch.where(chosen, where[:, 1:], slot)
     xs, sizes = torch.cat([out.x, fused], 1), torch.cat([out.size, size], 1)
@@ -394,7 +398,8 @@ def _fuse_per_crop(
     perm = torch.sort((sizes == 0).to(torch.int8), dim=1, stable=True).indices  # (B, M)
     inv = torch.argsort(perm, dim=1)
     xs, sizes = xs.gather(1, perm[..., None].expand(-1, -1, D)), sizes.gather(1, perm)
-    where = torch.where(where >= 0, inv.gather(1, where.clamp_min(0)), where)  # follow the move
+    # every old token's slot follows the move
+    where = torch.where(where >= 0, inv.gather(1, where.clamp_min(0)), where)
     m = int((sizes > 0).sum(1).max())
     return Reduced(xs[:, :m], sizes[:, :m], where, extra=out.extra)
 
