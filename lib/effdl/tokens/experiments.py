@@ -86,7 +86,7 @@ def measure_methods(model, images, labels, *, keeps, batch: int = 64, repeat: in
         res = interleaved(calls, rounds=repeat, warmup=1, device=dev)
     for i, row in enumerate(rows):
         row.update(ms_batch1=res[i, 1].median_ms / len(singles), ms_batch64=res[i, 64].median_ms,
-                   batch=int(xb.shape[0]))
+                   ms_batch64_iqr=res[i, 64].iqr_ms, batch=int(xb.shape[0]))
     return rows
 
 
