@@ -562,6 +562,8 @@ def count_sweep(model, images, labels, *, keeps, methods=("random_drop", "pool",
     the first row is keep-all.
     """
     model = model.eval()
+    dev = next(model.parameters()).device  # pages may sit on the host, as in the chapter
+    images, labels = images.to(dev), labels.to(dev)
     full = evaluate(model, images, labels)
     pages = int(images.shape[0])
     rows = [{"task": task, "method": "keep_all", "where": "-", "setting": "-", "keep": 1.0,
