@@ -102,3 +102,29 @@ def test_bad_input_raises_valueerror_naming_fix(kwargs, hint):
     args = dict(n_per_class=2, split="train") | kwargs
     with pytest.raises(ValueError, match=hint):
         make_shapes(**args)
+
+
+def test_load_images_shapes_has_three_splits_matching_the_sizes_table():
+    from effdl.data import SHAPES_SIZES, load_images
+    from effdl.distill.sizes import DATASETS
+
+    n_train, n_test, side, ch, classes = DATASETS["shapes"]
+    tr, va, te = (load_images("shapes", s) for s in ("train", "val", "test"))
+    assert tr.x.shape == (n_train, ch, side, side) and te.x.shape == (n_test, ch, side, side)
+    assert va.x.shape[0] == classes * SHAPES_SIZES["val"] and tr.classes == list(SHAPES)
+    assert torch.equal(tr.x, load_images("shapes", "train").x)          # deterministic
+    # the splits are different samples (no val image is a training image)
+    assert not (torch.cdist(va.x[:50].flatten(1), tr.x.flatten(1)).min(1).values < 1e-6).any()
+
+
+@pytest.mark.parametrize("name,split,match", [
+    ("digits", "val", "only 'shapes' has one"),
+    ("cifar10", "val", "only 'shapes' has one"),
+    ("shapes", "validation", "split must be 'train', 'val' or 'test'"),
+    ("shape", "train", "choose from digits, shapes"),
+])
+def test_load_images_rejects_bad_names_and_splits(name, split, match):
+    from effdl.data import load_images
+
+    with pytest.raises(ValueError, match=match):
+        load_images(name, split)

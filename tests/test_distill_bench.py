@@ -33,6 +33,15 @@ def test_smoke_rows_have_the_contract(smoke_bench_rows):
             assert r["sec_per_iter"] is None and r["peak_mem_bytes"] is None and r["iterations"] == 0
         else:
             assert r["sec_per_iter"] > 0 and r["peak_mem_bytes"] > 0 and r["iterations"] > 0
+    # the equal-cost points ride along: one at 0 s for random, one per checkpoint for the others
+    for r in rows:
+        pts = r["equal_seconds"]
+        assert all({"method", "ipc", "seed", "seconds", "accuracy"} <= set(p) for p in pts)
+        assert all((p["method"], p["ipc"], p["seed"]) == (r["method"], r["ipc"], r["seed"])
+                   and p["dataset"] == S.results_dataset and 0 <= p["accuracy"] <= 100 for p in pts)
+        n = {"herding": 0, "random": 1}.get(r["method"], len(S.checkpoints))
+        assert len(pts) == n
+        assert all(p["seconds"] >= f * S.budget_s for p, f in zip(pts, S.checkpoints) if n > 1)
     summ = summarize(rows)
     assert {(s["method"], s["ipc"]) for s in summ} == {(r["method"], r["ipc"]) for r in rows}
     assert all(s["seeds"] == len(S.seeds) for s in summ)

@@ -2,6 +2,10 @@
 
 - ``digits`` (default, offline): scikit-learn's bundled 8×8 handwritten digits (1797 images,
   10 classes), split once into a fixed stratified train/test split. Needs no network.
+- ``shapes`` (offline, procedural): :mod:`effdl.data_shapes` at :data:`SHAPES_SIZES` — 16×16
+  colour images of 10 shape families, each class in several unrelated appearances (modes).
+  It alone has a held-out ``val`` split (the same modes, other samples) for choosing
+  hyper-parameters without looking at ``test``.
 - ``mnist``, ``fashion_mnist``, ``cifar10``, ``cifar100``: Hugging Face hub datasets through the
   ``datasets`` library (cached in ``~/.cache/huggingface`` or ``cache_dir``). Used by the ``gpu``
   profile on Colab. Offline with no cache gives a :class:`DatasetUnavailable` error that says what to do.
@@ -19,8 +23,8 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
-__all__ = ["ImageData", "HubSpec", "HUB_DATASETS", "DatasetUnavailable", "load_images", "shape_alike",
-           "hub_to_tensors", "class_balanced_subset"]
+__all__ = ["ImageData", "HubSpec", "HUB_DATASETS", "SHAPES_SIZES", "DatasetUnavailable", "load_images",
+           "shape_alike", "hub_to_tensors", "class_balanced_subset"]
 
 
 class ImageData(NamedTuple):
@@ -45,6 +49,11 @@ HUB_DATASETS: dict[str, HubSpec] = {
     "cifar10": HubSpec("uoft-cs/cifar10", "img", "label", 3, 32, 10),
     "cifar100": HubSpec("uoft-cs/cifar100", "img", "fine_label", 3, 32, 100),
 }
+
+
+#: ``shapes`` as load_images builds it: image side, and images per class in each split
+#: (why 16×16, the generator's smallest side: a ConvNet step costs ~4× less than at 32×32)
+SHAPES_SIZES = {"size": 16, "train": 300, "val": 100, "test": 100}
 
 
 class DatasetUnavailable(RuntimeError):
@@ -102,13 +111,21 @@ def shape_alike(name: str, split: str, n_per_class: int = 12) -> ImageData:
 
 
 def load_images(name: str = "digits", split: str = "train", *, cache_dir: str | None = None) -> ImageData:
-    """Load ``name`` (``digits`` offline, or a hub dataset) as tensors; ``split`` is train or test."""
-    if split not in ("train", "test"):
-        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    """Load ``name`` (``digits`` or ``shapes`` offline, or a hub dataset) as tensors; ``split`` is
+    train or test (and, for ``shapes``, val)."""
+    if split not in ("train", "val", "test"):
+        raise ValueError(f"split must be 'train', 'val' or 'test', got {split!r}")
+    if name == "shapes":
+        from effdl.data_shapes import shape_data
+
+        return shape_data(SHAPES_SIZES[split], split, size=SHAPES_SIZES["size"])
+    if split == "val":
+        raise ValueError(f"{name!r} has no 'val' split (only 'shapes' has one); hold out part of "
+                         "its train split with class_balanced_subset instead")
     if name == "digits":
         return _digits(split)
     if name not in HUB_DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; choose from digits, {', '.join(HUB_DATASETS)}")
+        raise ValueError(f"unknown dataset {name!r}; choose from digits, shapes, {', '.join(HUB_DATASETS)}")
     spec = HUB_DATASETS[name]
     from effdl.device import simulated_gpu
 

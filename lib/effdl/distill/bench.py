@@ -1,12 +1,13 @@
 """``python -m effdl.bench distill``: accuracy, seconds per iteration and peak memory per method
-(rows: see :mod:`effdl.distill.experiments`), and the GPU suite of the recorded results."""
+(rows: see :mod:`effdl.distill.experiments`), accuracy against seconds at equal cost, and the GPU
+suite of the recorded results."""
 
 from __future__ import annotations
 
 import torch
 
 from effdl.bench.core import oom_guard
-from effdl.distill.experiments import experiment, iteration_cost, stepper_for
+from effdl.distill.experiments import equal_seconds, experiment, iteration_cost, load, stepper_for
 from effdl.distill.matching import FeaturePool
 from effdl.measure import cpu_thread_policy
 
@@ -19,14 +20,32 @@ def run(S, device: torch.device) -> list[dict]:
     The unroll sweep (:func:`effdl.distill.unroll.memory_sweep` at the first IPC: peak bytes of
     unroll-K matching and of one DM/CF/NCFM step, rows ``{"method", "unroll",
     "peak_mem_bytes", ...}``) rides along as the field ``"unroll_memory"`` of the DC rows at that
-    IPC, the bi-level method it extends; the rows themselves stay one per (method, ipc, seed)."""
+    IPC, the bi-level method it extends; the rows themselves stay one per (method, ipc, seed).
+
+    The equal-cost comparison of the chapter's results section
+    (:func:`effdl.distill.experiments.equal_seconds` on ``results_sizes(S)``'s dataset, test
+    split) rides along the same way: each row's ``"equal_seconds"`` field holds that (method,
+    ipc, seed)'s points ``{"method", "ipc", "seed", "seconds", "iterations", "accuracy",
+    "dataset", ...}`` (herding, which takes no budget, has none)."""
     with cpu_thread_policy(device, S.cpu_threads):
         rows = experiment(S, device, progress=False)[0]
         sweep = _unroll_rows(S, device)
+        points = _equal_seconds_rows(S, device)
     for r in rows:
         if r["method"] == "dc" and r["ipc"] == S.ipcs[0]:
             r["unroll_memory"] = sweep
+        r["equal_seconds"] = [p for p in points
+                              if (p["method"], p["ipc"], p["seed"]) == (r["method"], r["ipc"], r["seed"])]
     return rows
+
+
+def _equal_seconds_rows(S, device) -> list[dict]:
+    from effdl.distill.sizes import results_sizes
+
+    R = results_sizes(S)
+    (x, y), (xt, yt) = load(R, device)
+    rows = equal_seconds(R, x, y, xt, yt, device=device, progress=False)[0]
+    return [{**r, "sweep": "equal_seconds", "dataset": R.dataset} for r in rows]
 
 
 def _unroll_rows(S, device) -> list[dict]:

@@ -23,12 +23,14 @@ class FeaturePool:
     """``size`` fixed random ConvNets and (optionally cached) real features, per class.
 
     Features are divided by one constant per network (the RMS of its real features) so that one
-    frequency scale ``sigma`` suits every network.
+    frequency scale ``sigma`` suits every network.  Without the cache, that RMS is taken over the
+    first ``scale_per_class`` images of each class (why: on CIFAR-10 the whole training set
+    through every network of the pool would cost more than the distillation).
     """
 
     def __init__(
         self, x: torch.Tensor, y: torch.Tensor, size: int, width: int, seed: int,
-        cache_real: bool = True, chunk: int = 1024,
+        cache_real: bool = True, chunk: int = 1024, scale_per_class: int = 256,
     ):
         self.classes = torch.unique(y).tolist()
         self.nets = [
@@ -41,9 +43,12 @@ class FeaturePool:
         self.cache_real, self.chunk = cache_real, chunk
         self.scale: list[float] = []
         self.real_f: list[list[torch.Tensor]] = []
+        sample = self.real_x                     # the scale's images
+        if not cache_real:
+            sample = [xc[:scale_per_class] for xc in self.real_x]
         for net in self.nets:
             with torch.no_grad():
-                feats = [self._embed(net, xc) for xc in self.real_x]
+                feats = [self._embed(net, xc) for xc in sample]
             self.scale.append(float(torch.cat(feats).pow(2).mean().sqrt()) + 1e-8)
             if cache_real:
                 self.real_f.append([f / self.scale[-1] for f in feats])

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from effdl.distill.experiments import PUBLISHED, summarize
+from effdl.distill.experiments import PUBLISHED, summarize, summarize_seconds
 
 __all__ = ["plot_bench", "plot_recorded", "plot_toy_points", "plot_toy_frequencies",
-           "plot_unroll_memory"]
+           "plot_unroll_memory", "plot_equal_seconds"]
+
+_NAMES = {"dc": "DC", "dm": "DM", "cfd": "CF", "ncfm": "NCFM", "random": "random"}
 
 
 def plot_bench(rows: list[dict], published: bool = True):
@@ -166,5 +168,40 @@ def plot_unroll_memory(rows: list[dict]):
     ax.set_ylabel("peak memory per iteration (MiB)")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def plot_equal_seconds(rows: list[dict]):
+    """Accuracy against seconds of distillation (rows of
+    :func:`effdl.distill.experiments.equal_seconds`), one panel per IPC: one line per method
+    from the random start at 0 s through its snapshots (mean over seeds, bars: ± std), the mean
+    number of iterations written at each method's last point."""
+    import matplotlib.pyplot as plt
+
+    summ = summarize_seconds(rows)
+    ipcs = list(dict.fromkeys(r["ipc"] for r in summ))
+    fig, axes = plt.subplots(1, len(ipcs), figsize=(5.2 * len(ipcs), 3.7), squeeze=False)
+    styles = {"dc": "v-", "dm": "s-", "cfd": "^-", "ncfm": "o-"}
+    for ax, ipc in zip(axes[0], ipcs):
+        sub = [r for r in summ if r["ipc"] == ipc]
+        start = next(r for r in sub if r["method"] == "random")
+        ax.axhline(start["acc_mean"], color="grey", lw=0.8, ls=":",
+                   label=f"random subset ({start['acc_mean']:.1f}%)")
+        methods = list(dict.fromkeys(r["method"] for r in sub if r["method"] != "random"))
+        for j, m in enumerate(methods):
+            pts = [start] + [r for r in sub if r["method"] == m]
+            line = ax.errorbar([r["seconds"] for r in pts], [r["acc_mean"] for r in pts],
+                               yerr=[r["acc_std"] for r in pts], fmt=styles.get(m, "o-"),
+                               ms=4, capsize=2, label=_NAMES.get(m, m))
+            last = pts[-1]
+            ax.annotate(f"{last['iterations']:.0f} it", (last["seconds"], last["acc_mean"]),
+                        textcoords="offset points", fontsize=7,
+                        xytext=(4, 8 * (j - (len(methods) - 1) / 2)),   # apart if close
+                        color=line[0].get_color(), va="center")
+        ax.set(xlabel="seconds of distillation (image updates only)",
+               ylabel="test accuracy (%)", title=f"IPC {ipc}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
     fig.tight_layout()
     return fig
