@@ -150,14 +150,17 @@ def run_for_seconds(stepper, budget_s: float, checkpoints=(0.5, 1.0)) -> list[tu
     not the copies; a step that crosses several checkpoints fills them all with the
     same snapshot."""
     _check_budget(budget_s, checkpoints)
-    targets = [f * budget_s for f in checkpoints]
+    if not hasattr(stepper, "x_syn") or not callable(getattr(stepper, "step", None)):
+        raise ValueError("stepper needs .step() and .x_syn (the synthetic images): "
+                         "pass a MatchingStepper or DCStepper, e.g. stepper_for(...)")
+    stops = [f * budget_s for f in checkpoints]
     elapsed, it, snaps = 0.0, 0, []
-    while len(snaps) < len(targets):
+    while len(snaps) < len(stops):
         t0 = time.perf_counter()
         stepper.step()
         elapsed += time.perf_counter() - t0
         it += 1
-        while len(snaps) < len(targets) and elapsed >= targets[len(snaps)]:
+        while len(snaps) < len(stops) and elapsed >= stops[len(snaps)]:
             snaps.append((elapsed, it, stepper.x_syn.detach().clone()))
     return snaps
 

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from effdl.distill.experiments import PUBLISHED, summarize, summarize_seconds
 
-__all__ = ["plot_bench", "plot_recorded", "plot_toy_points", "plot_toy_frequencies",
+__all__ = ["NAMES", "plot_bench", "plot_recorded", "plot_toy_points", "plot_toy_frequencies",
            "plot_unroll_memory", "plot_equal_seconds"]
 
-_NAMES = {"dc": "DC", "dm": "DM", "cfd": "CF", "ncfm": "NCFM", "random": "random"}
+#: the methods' names on the page (the library's keys are lower case; ``cfd`` is CF)
+NAMES = {"dc": "DC", "dm": "DM", "cfd": "CF", "ncfm": "NCFM", "random": "random"}
+_NAMES = NAMES
 
 
 def plot_bench(rows: list[dict], published: bool = True):
@@ -180,6 +182,8 @@ def plot_equal_seconds(rows: list[dict]):
     import matplotlib.pyplot as plt
 
     summ = summarize_seconds(rows)
+    if not summ:
+        raise ValueError("no rows to plot: pass the rows of equal_seconds(...)")
     ipcs = list(dict.fromkeys(r["ipc"] for r in summ))
     fig, axes = plt.subplots(1, len(ipcs), figsize=(5.2 * len(ipcs), 3.7), squeeze=False)
     styles = {"dc": "v-", "dm": "s-", "cfd": "^-", "ncfm": "o-"}

@@ -30,7 +30,8 @@ def run(S, device: torch.device) -> list[dict]:
     with cpu_thread_policy(device, S.threads):
         (xtr, ytr), (xte, yte, _) = datasets(S)
         model = build_model(S)
-        train(model, xtr, ytr, steps=S.train_steps, batch=S.train_batch, lr=S.lr, time_limit_s=S.train_time_limit_s)
+        train(model, xtr, ytr, steps=S.train_steps, batch=S.train_batch, lr=S.lr, time_limit_s=S.train_time_limit_s,
+              threads=S.train_threads)
         rows = measure_methods(model, xte, yte, keeps=S.keeps, batch=S.bench_batch, repeat=S.repeat, device=device)
         return rows + count_rows(S, device) + kv_rows(S)
 
@@ -41,7 +42,7 @@ def count_rows(S, device: torch.device) -> list[dict]:
     (xtr, ytr), (xte, yte, _) = count_datasets(S)
     model = build_model(S, seed=0).to(device)
     train(model, xtr, ytr, steps=S.count_steps, batch=S.train_batch, lr=S.lr,
-          time_limit_s=S.train_time_limit_s, progress=False)
+          time_limit_s=S.train_time_limit_s, progress=False, threads=S.train_threads)
     rows = count_sweep(model, xte.to(device), yte.to(device), keeps=S.count_keeps)
     rows = count_latency(model, xte, rows, batch=S.bench_batch, repeat=S.repeat, device=device)
     for r in rows:

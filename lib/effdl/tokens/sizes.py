@@ -35,6 +35,8 @@ class Sizes:
     count_test: int
     count_steps: int               # its keep-all training steps,
     count_keeps: tuple[float, ...]  # and the budgets of its sweep
+    train_threads: int | None = None  # CPU threads while training (None: as ``threads``); 2 on the
+    # 2-core site builder: training's larger ops gain ~20 % from a second thread, timings do not
     threads: int | None = None     # CPU threads for training and timing (None: torch's default).
     # why 1 on `smoke` and `cpu`: tests and the site run on a shared 2-core machine; two threads
     # competing with other processes gave 10x timing outliers, one thread gives steady numbers
@@ -51,11 +53,11 @@ SIZES = {
     ),
     "cpu": Sizes(
         page=(96, 96), crop=48, patch=8, glyph_px=5, dim=32, depth=6, heads=2, reduce_at=0,
-        n_train=3000, n_test=600, train_steps=200, train_batch=32, lr=1e-3, train_time_limit_s=100,
-        finetune_steps=30, keeps=(0.7, 0.5, 0.35, 0.25), bench_batch=64, repeat=7,
+        n_train=3000, n_test=500, train_steps=200, train_batch=32, lr=1e-3, train_time_limit_s=100,
+        finetune_steps=30, keeps=(0.7, 0.5, 0.25), bench_batch=64, repeat=5,
         cost_tokens=(16, 36, 64, 144, 256, 576), kv_tokens=1024, kv_dim=128, kv_depth=4,
-        kv_bits=(3, 4, 5, 6, 7, 8), kv_windows=32, count_train=2000, count_test=600,
-        count_steps=400, count_keeps=(0.7, 0.5, 0.35), threads=1,
+        kv_bits=(3, 4, 5, 6, 7, 8), kv_windows=24, count_train=3000, count_test=500,
+        count_steps=360, count_keeps=(0.5, 0.35), train_threads=2, threads=1,
     ),
     "gpu": Sizes(
         # sized for a free Colab T4 by effdl.estimate; at 4096 tokens, batch 64,

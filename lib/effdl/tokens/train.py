@@ -14,16 +14,28 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from effdl.measure import torch_threads
+
 __all__ = ["train", "evaluate"]
 
 
 def train(model, images, labels, *, steps: int, batch: int = 64, lr: float = 3e-3, weight_decay: float = 0.05,
-          reducer=None, seed: int = 0, time_limit_s: float | None = None, progress: bool = True) -> dict:
+          reducer=None, seed: int = 0, time_limit_s: float | None = None, progress: bool = True,
+          threads: int | None = None) -> dict:
     """AdamW with linear warm-up and cosine decay for ``steps`` minibatches; returns a log.
 
     ``time_limit_s`` stops early (the schedule is not stretched) so a slow machine still finishes.
+    ``threads``: torch CPU threads while training (None: leave as is; restored afterwards).
     Returns ``{"loss": [...], "steps": done, "seconds": wall}``.
     """
+    with torch_threads(threads):
+        return _train(model, images, labels, steps=steps, batch=batch, lr=lr,
+                      weight_decay=weight_decay, reducer=reducer, seed=seed,
+                      time_limit_s=time_limit_s, progress=progress)
+
+
+def _train(model, images, labels, *, steps, batch, lr, weight_decay, reducer, seed, time_limit_s,
+           progress) -> dict:
     if images.shape[0] != labels.shape[0]:
         raise ValueError(f"{images.shape[0]} images but {labels.shape[0]} labels")
     if steps < 1:
