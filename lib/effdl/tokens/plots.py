@@ -263,7 +263,7 @@ def plot_crop_budgets(model, images, budgets: dict, crop_counts, *, titles=None)
     import matplotlib.pyplot as plt
 
     B = images.shape[0]
-    fig, axes = plt.subplots(1, B, figsize=(3.8 * B, 4.1))
+    fig, axes = plt.subplots(1, B, figsize=(4.6 * B, 4.8))
     axes = np.atleast_1d(axes)
     H, W = model.image_size
     g, cx = model.crop // model.patch, W // model.crop
@@ -282,7 +282,7 @@ def plot_crop_budgets(model, images, budgets: dict, crop_counts, *, titles=None)
                                        lw=0.8))
             ax.text(x0 + 2, y0 + 2, f"ρ={float(budgets['density'][b, c]):.2f}\n"
                     f"{int(budgets['kept'][b, c])}/{T} kept\n{int(crop_counts[b, c])} ●",
-                    fontsize=7, va="top", color="white",
+                    fontsize=9, va="top", color="white",
                     bbox=dict(facecolor="black", alpha=0.45, pad=0.5, lw=0))
         ax.set_title(titles[b] if titles else "", fontsize=8)
         ax.axis("off")
