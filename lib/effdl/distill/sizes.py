@@ -82,16 +82,16 @@ def results_sizes(S: Sizes) -> Sizes:
     """``S`` as the results section uses it: its dataset, width, pool, evaluation
     epochs and learning rates.
 
-    The cpu profile's learning rates were chosen on the ``val`` split of ``shapes``
-    (3 seeds, IPC 10 and 1, 1.5 s per run, not the page's budget; last snapshot), never
-    on ``test``.  At IPC 10 a pixel
-    learning rate of 0.01 left DM, CF and NCFM *below* the random start, 0.003 above
-    it; NCFM's sampler did better at 0.001 than at 0.01 (and at a pixel rate of 0.01,
-    worse at 0.1).  At IPC 1, pixel rates of 0.05 and 0.01 were alike.  A frequency
-    scale of 2 instead of 1 helped CF and hurt NCFM, and 64 frequencies instead of 256
-    hurt both: both stay as in the other sections.  The evaluation's learning rate of
-    0.1 with 30 epochs trained a better network from 100 images than the protocol's
-    0.01 with 100 epochs (also on ``val``), in a fraction of the time."""
+    The cpu profile's learning rates were chosen on the ``val`` split of ``shapes`` (3
+    seeds, IPC 10 and 1, 1.5 s per run, not the page's budget; last snapshot), never on
+    ``test``.  At IPC 10 a pixel learning rate of 0.01 left DM, CF and NCFM *below* the
+    random start, 0.003 above it; NCFM's sampler did better at 0.001 than at 0.01 (and
+    at a pixel rate of 0.01, worse at 0.1).  At IPC 1, pixel rates of 0.05 and 0.01 were
+    alike.  A frequency scale of 2 instead of 1 helped CF and hurt NCFM, and 64
+    frequencies instead of 256 hurt both: both stay as in the other sections.  The
+    evaluation's learning rate of 0.1 with 30 epochs trained a better network from 100
+    images than the protocol's 0.01 with 100 epochs (also on ``val``), in a fraction of
+    the time."""
     from dataclasses import replace
 
     return replace(S, dataset=S.results_dataset, width=S.results_width,
