@@ -174,8 +174,7 @@ def equal_seconds(S, x, y, x_eval, y_eval, *, methods=BUDGETED, budget_s: float 
     0 s), steps for ``budget_s`` seconds (default ``S.budget_s``) and is snapshotted at the
     ``checkpoints`` fractions of it (default ``S.checkpoints``); every snapshot is judged by a
     fresh ConvNet trained on it (``S.eval_epochs``, ``S.width``, ``S.results_eval_lr``) and
-    tested on ``(x_eval,
-    y_eval)``: the val split while choosing hyper-parameters, the test split to report.
+    tested on ``(x_eval, y_eval)``: the val split while choosing hyper-parameters, the test split to report.
     ``overrides`` ({method: {option: value}}) replace :func:`options_for`'s options.
 
     Returns ``(rows, gallery)``: rows ``{"method", "ipc", "seed", "seconds", "iterations",

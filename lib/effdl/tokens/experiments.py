@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from effdl.measure import interleaved
 from effdl.tokens import kvcache
 from effdl.tokens.documents import make_documents
+from effdl.tokens.perlayer import evit_layers, forward_per_layer, per_layer_flops
 from effdl.tokens.reducers import REDUCERS, make
 from effdl.tokens.train import evaluate
 from effdl.tokens.vit import Block, TinyViT, block_flops
@@ -506,8 +507,6 @@ def count_datasets(S, seed: int = 0):
 
 def _per_layer_run(model, images, method, **kw):
     """(logits, FLOPs fraction of keep-all) of :func:`effdl.tokens.perlayer.forward_per_layer`."""
-    from effdl.tokens.perlayer import forward_per_layer, per_layer_flops
-
     logits, info = forward_per_layer(model, images, method, return_info=True, **kw)
     return logits, per_layer_flops(model, info["tokens"]) / model.flops()
 
@@ -593,7 +592,7 @@ def count_sweep(model, images, labels, *, keeps, methods=("random_drop", "pool",
                          "method": "evit per layer, discard" if m == "evit-discard"
                          else f"{m} per layer",
                          "where": "every block" if m == "tome" else "blocks "
-                         + ",".join(map(str, _evit_depths(model))),
+                         + ",".join(map(str, evit_layers(len(model.blocks)))),
                          "setting": f"{key}={val:g}", "keep": keep, "flops_frac": frac,
                          "kept_frac": float("nan"), "pages": pages,
                          "accuracy": correct / images.shape[0]})
@@ -603,8 +602,6 @@ def count_sweep(model, images, labels, *, keeps, methods=("random_drop", "pool",
 def count_latency(model, images, rows, *, batch: int = 64, repeat: int = 5, device=None) -> list[dict]:
     """Add ``ms_batch64`` (median over ``repeat`` interleaved rounds, a batch of ``batch`` pages)
     and its spread (``ms_batch64_iqr``) to every row of :func:`count_sweep`, in place."""
-    from effdl.tokens.perlayer import forward_per_layer
-
     dev = torch.device(device or "cpu")
     model = model.to(dev).eval()
     xb = images[:batch].to(dev)
@@ -657,12 +654,6 @@ def count_comparison(rows, method: str = "tcc+fuse", tol: float = 0.05,
                     "gain_pts": acc - 100 * best["accuracy"] if best else float("nan"),
                     "se_pts": se, "vs_keep_all_pts": acc - full})
     return out
-
-
-def _evit_depths(model) -> tuple[int, ...]:
-    from effdl.tokens.perlayer import evit_layers
-
-    return evit_layers(len(model.blocks))
 
 
 def crop_budgets(model, images, keep: float, **options) -> dict:
